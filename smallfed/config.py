@@ -1,0 +1,236 @@
+"""The run configuration: every key, its type, default and allowed values, in one place.
+
+A run is configured by a flat table of hyphenated keys, the shape Flower uses for
+``[tool.flwr.app.config]`` and ``run_config``, so a TOML file under
+``simulations/``, ``--set KEY=VALUE`` on the command line and Flower's
+``run_config`` all describe the same :class:`Config`. Everything is checked here,
+before any work starts: an unknown key, a wrong type or an impossible value raises
+:class:`ConfigError` naming the key and what is allowed.
+
+Checks that need the data (more clients than samples, a missing data folder) live
+in :func:`smallfed.data.check_data_config`, which the command line calls before it
+starts a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run; the message names the key and the fix."""
+
+
+def _key(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    meta = {"doc": doc, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated run configuration. Attribute ``num_server_rounds`` is key ``num-server-rounds``."""
+
+    # --- federation -------------------------------------------------------
+    num_server_rounds: int = _key(5, "Federated rounds to run.", ge=1)
+    num_clients: int = _key(20, "Virtual clients (data partitions) in the population.", ge=1)
+    clients_per_round: int = _key(10, "Clients sampled for training each round.", ge=1)
+    strategy: str = _key(
+        "fedavg",
+        "Server strategy, one of Flower's: fedavg, fedavgm (server momentum), "
+        "fedadam (server Adam), fedprox (proximal term on clients).",
+        choices=("fedavg", "fedavgm", "fedadam", "fedprox"),
+    )
+    server_lr: float = _key(
+        1.0, "Server learning rate (fedavgm: server_learning_rate; fedadam: eta).", gt=0
+    )
+    server_momentum: float = _key(0.0, "Server momentum (fedavgm).", ge=0, lt=1)
+    proximal_mu: float = _key(0.0, "Proximal term weight (fedprox).", ge=0)
+    fraction_evaluate: float = _key(
+        0.0,
+        "Fraction of clients that also evaluate the global model on their own data "
+        "each round (centralized evaluation on the held-out set always runs).",
+        ge=0,
+        le=1,
+    )
+    seed: int = _key(
+        42, "Seed of the model init, the partitioning, client sampling and local shuffling."
+    )
+
+    # --- data ---------------------------------------------------------------
+    dataset: str = _key(
+        "digits",
+        "digits (scikit-learn, ships with the package), mnist (IDX files in data-dir), "
+        "hf:<name> (a Hugging Face dataset through flwr-datasets; needs the internet), "
+        "or package.module:function for your own (see README).",
+    )
+    data_dir: str = _key("", "Folder of the mnist IDX files (.gz or raw).")
+    test_fraction: float = _key(
+        0.2, "Share of digits held out for centralized evaluation.", gt=0, lt=1
+    )
+    partitioner: str = _key(
+        "dirichlet",
+        "How client data is split (flwr-datasets partitioners).",
+        choices=("iid", "dirichlet", "pathological", "shard"),
+    )
+    alpha: float = _key(0.5, "Dirichlet concentration; smaller is more non-IID.", gt=0)
+    min_partition_size: int = _key(
+        10, "Dirichlet: resample until every client has at least this many samples.", ge=0
+    )
+    classes_per_client: int = _key(2, "Pathological: classes each client holds.", ge=1)
+    shards_per_client: int = _key(2, "Shard: label-sorted shards each client holds.", ge=1)
+
+    # --- model and local training ------------------------------------------
+    model: str = _key(
+        "cnn-tiny",
+        "cnn-tiny, cnn-seed, mlp (see smallfed.models), or package.module:function.",
+    )
+    local_epochs: int = _key(1, "Local epochs per round.", ge=1)
+    batch_size: int = _key(32, "Local batch size.", ge=1)
+    optimizer: str = _key("sgd", "Client optimizer.", choices=("sgd", "adam"))
+    lr: float = _key(0.05, "Client learning rate.", gt=0)
+    momentum: float = _key(0.9, "Client SGD momentum (reset every round).", ge=0, lt=1)
+    weight_decay: float = _key(0.0, "Client weight decay.", ge=0)
+
+    # --- running ------------------------------------------------------------
+    backend: str = _key(
+        "inprocess",
+        "inprocess: one process drives the ServerApp and ClientApp through an in-process "
+        "Grid (fastest on one machine); ray: Flower's Simulation Engine (large "
+        "populations, several cores or machines).",
+        choices=("inprocess", "ray"),
+    )
+    client_cpus: float = _key(1.0, "ray: CPUs reserved per virtual client.", gt=0)
+    out_dir: str = _key(
+        "", "Where results.json and rounds.csv go when run by `flwr run` (--out wins)."
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_value(f, getattr(self, f.name))
+        if self.clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"clients-per-round: {self.clients_per_round} is more than num-clients "
+                f"({self.num_clients}); use at most {self.num_clients}"
+            )
+        if self.dataset == "mnist" and not self.data_dir:
+            raise ConfigError(
+                "data-dir: dataset 'mnist' needs the folder of its IDX files, "
+                "for example data-dir = '../shared/data/mnist'"
+            )
+        if self.dataset not in ("digits", "mnist") and not (
+            self.dataset.startswith("hf:") or ":" in self.dataset
+        ):
+            raise ConfigError(
+                f"dataset: {self.dataset!r} is not known; use digits, mnist, "
+                "hf:<name> or package.module:function"
+            )
+
+    # --- construction -------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Config:
+        """Build from hyphenated keys (TOML, Flower run_config); unknown keys fail."""
+        known = {_hyphen(f.name): f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                near = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise ConfigError(
+                    f"{key}: unknown key{near} Run `smallfed keys` for the list."
+                )
+            kwargs[known[key].name] = _coerce(known[key], value)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
+        """Read a run configuration file, then apply ``overrides`` (``--set``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from err
+        values.update(overrides or {})
+        return cls.from_mapping(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Hyphenated keys and plain values: what results.json and Flower's run_config hold."""
+        return {_hyphen(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` from ``--set``; VALUE is read as a TOML value, else as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, for example num-server-rounds=3")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every key: the documentation `smallfed keys` prints."""
+    rows = []
+    for f in dataclasses.fields(Config):
+        doc = f.metadata["doc"]
+        if f.metadata["choices"]:
+            doc += f" [{' | '.join(f.metadata['choices'])}]"
+        rows.append((_hyphen(f.name), repr(f.default), doc))
+    return rows
+
+
+def _hyphen(name: str) -> str:
+    return name.replace("_", "-")
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
+    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ConfigError(
+            f"{_hyphen(f.name)}: expected {_TYPE_NAMES[kind]}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    return value
+
+
+def _check_value(f: dataclasses.Field[Any], value: Any) -> None:
+    key, meta = _hyphen(f.name), f.metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(meta['choices'])}")
+    bounds = [
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ]
+    for name, holds, sign in bounds:
+        bound = meta[name]
+        if bound is not None and not holds(value, bound):
+            raise ConfigError(f"{key}: {value!r} is not allowed; it must be {sign} {bound}")

@@ -1,0 +1,91 @@
+"""Datasets and their split across clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from smallfed.config import Config, ConfigError
+from smallfed.data.datasets import (
+    MNIST_POOL_SIZE,
+    MNIST_SPLIT_SEED,
+    Dataset,
+    load_custom,
+    load_digits,
+    load_hub,
+    load_mnist,
+)
+from smallfed.data.partition import make_partitioner, partition_indices
+
+__all__ = [
+    "MNIST_POOL_SIZE",
+    "MNIST_SPLIT_SEED",
+    "Dataset",
+    "FederatedData",
+    "check_data_config",
+    "federated_data",
+    "load_dataset",
+    "make_partitioner",
+    "partition_indices",
+]
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """A dataset and its partition of the pool, one index array per client."""
+
+    dataset: Dataset
+    partitions: list[np.ndarray]
+
+    def client(self, partition_id: int) -> tuple:
+        rows = self.partitions[partition_id]
+        return self.dataset.train_x[rows], self.dataset.train_y[rows]
+
+
+def load_dataset(cfg: Config) -> Dataset:
+    """The dataset the configuration names (see the ``dataset`` key)."""
+    if cfg.dataset == "digits":
+        return load_digits(cfg.test_fraction, cfg.seed)
+    if cfg.dataset == "mnist":
+        return load_mnist(cfg.data_dir)
+    if cfg.dataset.startswith("hf:"):
+        return load_hub(cfg.dataset[3:], cfg.seed, cfg.test_fraction)
+    return load_custom(cfg.dataset)
+
+
+def federated_data(cfg: Config) -> FederatedData:
+    """The dataset and its partitions, built once per process and per data configuration."""
+    keys = ("dataset", "data-dir", "test-fraction", "seed", "num-clients", "partitioner",
+            "alpha", "min-partition-size", "classes-per-client", "shards-per-client")
+    values = cfg.to_dict()
+    return _cached(tuple((k, values[k]) for k in keys))
+
+
+@lru_cache(maxsize=4)
+def _cached(items: tuple) -> FederatedData:
+    cfg = Config.from_mapping(dict(items))
+    dataset = load_dataset(cfg)
+    return FederatedData(dataset, partition_indices(dataset.train_y, cfg))
+
+
+def check_data_config(cfg: Config) -> FederatedData:
+    """Load and split the data before a run starts, turning every problem into a ConfigError."""
+    if cfg.dataset == "mnist" and not Path(cfg.data_dir).is_dir():
+        raise ConfigError(
+            f"data-dir: {cfg.data_dir!r} is not a folder; point it at the MNIST IDX files, "
+            "for example ../shared/data/mnist"
+        )
+    try:
+        dataset = load_dataset(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    pool = len(dataset.train_y)
+    if cfg.num_clients > pool:
+        raise ConfigError(
+            f"num-clients: {cfg.num_clients} is more than the {pool} training samples of "
+            f"dataset {cfg.dataset!r}; use at most {pool}"
+        )
+    return federated_data(cfg)

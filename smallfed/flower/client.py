@@ -1,0 +1,79 @@
+"""The ClientApp: local training on one client's data, wired into Flower's Message API.
+
+In simulation a client's data is partition ``partition-id`` of the configured dataset
+(Flower's node config). On a real device the node config names a ``data-dir`` whose
+``data.npz`` holds arrays ``x`` (N, C, H, W, preprocessed float32) and ``y`` (N,);
+:func:`smallfed.data.write_device_data` writes one from a partition.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from smallfed.config import Config
+from smallfed.data import federated_data
+from smallfed.flower.records import load_record, model_to_record
+from smallfed.flower.strategy import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from smallfed.models import build_model
+from smallfed.training import client_generator, evaluate, train
+
+
+def client_data(cfg: Config, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """This node's training data: its partition in simulation, its own folder on a device."""
+    data_dir = context.node_config.get("data-dir")
+    if data_dir:
+        with np.load(Path(str(data_dir)) / "data.npz") as npz:
+            return torch.from_numpy(npz["x"]).float(), torch.from_numpy(npz["y"]).long()
+    return federated_data(cfg).client(partition_id(context))
+
+
+def partition_id(context: Context) -> int:
+    return int(context.node_config.get("partition-id", -1))
+
+
+def build_client_app(cfg: Config | None = None) -> ClientApp:
+    """The ClientApp. With ``cfg`` None it reads the configuration from Flower's run_config."""
+    app = ClientApp()
+
+    def config_of(context: Context) -> Config:
+        return cfg if cfg is not None else Config.from_mapping(context.run_config)
+
+    def fresh_model(config: Config) -> torch.nn.Module:
+        dataset = federated_data(config).dataset
+        return build_model(config.model, dataset.input_shape, dataset.num_classes, config.seed)
+
+    @app.train()
+    def handle_train(msg: Message, context: Context) -> Message:
+        config = config_of(context)
+        model = load_record(fresh_model(config), msg.content[ARRAYS_KEY])
+        x, y = client_data(config, context)
+        server_round = int(msg.content["config"]["server-round"])
+        mu = float(msg.content["config"].get("proximal-mu", 0.0))
+        gen = client_generator(config.seed, server_round, partition_id(context))
+        result = train(model, x, y, config, gen, proximal_mu=mu)
+        metrics = MetricRecord({"train-loss": result.loss, NUM_EXAMPLES_KEY: result.num_examples})
+        content = RecordDict({ARRAYS_KEY: model_to_record(model), METRICS_KEY: metrics})
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def handle_evaluate(msg: Message, context: Context) -> Message:
+        config = config_of(context)
+        model = load_record(fresh_model(config), msg.content[ARRAYS_KEY])
+        x, y = client_data(config, context)
+        loss, accuracy = evaluate(model, x, y)
+        metrics = MetricRecord(
+            {"eval-loss": loss, "eval-accuracy": accuracy, NUM_EXAMPLES_KEY: len(y)})
+        return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+    @app.query()
+    def handle_query(msg: Message, context: Context) -> Message:
+        """Tell the server which partition this node holds (-1 on a device without one)."""
+        metrics = MetricRecord({"partition-id": partition_id(context)})
+        return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+    return app

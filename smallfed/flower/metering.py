@@ -1,0 +1,81 @@
+"""Count the bytes that really cross the Grid, whatever Grid the ServerApp runs on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from smallfed.flower.records import message_array_bytes
+
+
+@dataclass
+class Traffic:
+    """Bytes of arrays sent down to clients and up from them, and the messages counted."""
+
+    bytes_down: int = 0
+    bytes_up: int = 0
+    messages_down: int = 0
+    messages_up: int = 0
+
+
+class MeteredGrid(Grid):
+    """A Grid that forwards to another and counts each message's serialized array bytes.
+
+    Counting at the Grid, not in the strategy, sees every message the strategy sends
+    (train, evaluate, queries) on the in-process, Ray and deployment Grids alike.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self._traffic = Traffic()
+
+    def take(self) -> Traffic:
+        """The traffic since the last call, and start counting afresh."""
+        traffic, self._traffic = self._traffic, Traffic()
+        return traffic
+
+    def _count_down(self, messages: Iterable[Message]) -> list[Message]:
+        messages = list(messages)
+        for msg in messages:
+            self._traffic.bytes_down += message_array_bytes(msg)
+            self._traffic.messages_down += 1
+        return messages
+
+    def _count_up(self, replies: Iterable[Message]) -> list[Message]:
+        replies = list(replies)
+        for msg in replies:
+            self._traffic.bytes_up += message_array_bytes(msg)
+            self._traffic.messages_up += 1
+        return replies
+
+    # --- Grid --------------------------------------------------------------
+    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self._grid.run
+
+    def create_message(  # pylint: disable=too-many-arguments
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(self._count_down(messages))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._count_up(self._grid.pull_messages(message_ids))
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        sent = self._count_down(messages)
+        return self._count_up(self._grid.send_and_receive(sent, timeout=timeout))

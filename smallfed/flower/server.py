@@ -1,0 +1,101 @@
+"""The ServerApp: Flower's strategy loop with centralized evaluation and results files.
+
+``strategy.start`` calls ``evaluate_fn`` before round 1 and after every round; that
+is where a round is evaluated on the held-out test set, its traffic read off the
+metered Grid, and its row recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import log
+
+from smallfed.config import Config
+from smallfed.data import federated_data
+from smallfed.flower.metering import MeteredGrid
+from smallfed.flower.records import load_record, model_to_record, record_bytes
+from smallfed.flower.strategy import RoundStats, SmallfedStrategy, make_inner_strategy
+from smallfed.models import build_model, model_report
+from smallfed.report.results import RoundRecord, RunRecorder
+from smallfed.training import evaluate
+
+RoundHook = Callable[[RoundRecord, int], None]
+
+# How long a round waits for replies: long enough for a slow device, finite so a
+# dead one cannot hold the run forever.
+ROUND_TIMEOUT_S = 600.0
+
+
+def default_out_dir(context: Context) -> Path:
+    return Path("runs") / f"run-{context.run_id}"
+
+
+def run_server(
+    grid: Grid,
+    context: Context,
+    cfg: Config | None = None,
+    out_dir: str | Path | None = None,
+    on_round: RoundHook | None = None,
+) -> Path:
+    """Run the federation to the end and write its results; return the results folder."""
+    cfg = cfg if cfg is not None else Config.from_mapping(context.run_config)
+    out = Path(out_dir or cfg.out_dir or default_out_dir(context))
+    dataset = federated_data(cfg).dataset
+    model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed)
+    initial = model_to_record(model)
+    report = model_report(model)
+    strategy = SmallfedStrategy(
+        make_inner_strategy(cfg), clients_per_round=cfg.clients_per_round,
+        fraction_evaluate=cfg.fraction_evaluate, seed=cfg.seed,
+    )
+    metered = MeteredGrid(grid)
+    recorder = RunRecorder(
+        config=cfg.to_dict(), model_params=report.params, model_fp32_bytes=report.fp32_bytes,
+        dense_bytes_per_update=record_bytes(initial),
+    )
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        load_record(model, arrays)
+        loss, accuracy = evaluate(model, dataset.test_x, dataset.test_y)
+        traffic = metered.take()
+        stats = strategy.last_round if server_round > 0 else RoundStats()
+        record = recorder.add(
+            round=server_round, accuracy=accuracy, loss=loss, bytes_up=traffic.bytes_up,
+            bytes_down=traffic.bytes_down, clients=stats.aggregated,
+            clients_failed=stats.failed, updates_rejected=stats.rejected,
+        )
+        if on_round is not None:
+            on_round(record, cfg.num_server_rounds)
+        log(INFO, "smallfed round %d: accuracy %.4f, loss %.4f, %d clients",
+            server_round, accuracy, loss, stats.aggregated)
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    started = time.perf_counter()
+    strategy.start(
+        grid=metered, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
+        timeout=ROUND_TIMEOUT_S, train_config=ConfigRecord({"lr": cfg.lr}),
+        evaluate_fn=evaluate_fn,
+    )
+    recorder.write(out)
+    log(INFO, "smallfed: results in %s (%.1f s)", out.resolve(), time.perf_counter() - started)
+    return out
+
+
+def build_server_app(
+    cfg: Config | None = None, out_dir: str | Path | None = None,
+    on_round: RoundHook | None = None,
+) -> ServerApp:
+    """The ServerApp. With ``cfg`` None it reads the configuration from Flower's run_config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, context, cfg, out_dir, on_round)
+
+    return app

@@ -1,0 +1,240 @@
+"""A strategy wrapper: seeded sampling by partition id, and replies checked before aggregation.
+
+It wraps one of Flower's own strategies (FedAvg, FedAvgM, FedAdam, FedProx), in the
+shape of Flower's DP wrappers, and adds what a reproducible, robust run needs:
+
+* Sampling by partition id. Flower's node ids are random on every run and its
+  strategies sample them with the global ``random`` module, so two runs with the
+  same seed train different clients. We ask each node once for its partition id (a
+  ``query`` message), sample partition ids with ``numpy``'s generator seeded by
+  ``(seed, round)``, and hand the inner strategy a Grid that shows only those nodes.
+* Replies checked one by one. Flower's FedAvg raises on the first inconsistent reply
+  and stops the run; here a malformed reply (wrong keys, shapes or dtypes, non-finite
+  values, no positive ``num-examples``) is logged and dropped, and the round goes on
+  with the others.
+* Replies aggregated in partition order, so float sums are identical run to run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
+from flwr.supercore import log
+
+from smallfed.config import Config
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+NUM_EXAMPLES_KEY = "num-examples"
+
+
+def make_inner_strategy(cfg: Config) -> FedAvg:
+    """Flower's strategy for ``cfg.strategy``; it sees only the nodes we sampled.
+
+    Fractions of 1 and no minimums: the wrapper has already chosen the clients (and
+    skips federated evaluation itself when ``fraction-evaluate`` is 0), so the inner
+    strategy must take every node it is shown.
+    """
+    common = dict(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=0,
+        min_evaluate_nodes=0,
+        min_available_nodes=0,
+    )
+    if cfg.strategy == "fedavgm":
+        return FedAvgM(
+            **common, server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum
+        )
+    if cfg.strategy == "fedadam":
+        return FedAdam(**common, eta=cfg.server_lr, eta_l=cfg.lr)
+    if cfg.strategy == "fedprox":
+        return FedProx(**common, proximal_mu=cfg.proximal_mu)
+    return FedAvg(**common)
+
+
+@dataclass
+class RoundStats:
+    """What happened to the train replies of the last round."""
+
+    sampled: int = 0
+    aggregated: int = 0
+    failed: int = 0
+    rejected: int = 0
+
+
+class _VisibleNodes(Grid):
+    """A view of a Grid that shows only the sampled nodes to the inner strategy."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._node_ids = grid, node_ids
+
+    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class SmallfedStrategy(Strategy):
+    """Seeded partition sampling and per-reply checks around one of Flower's strategies."""
+
+    def __init__(
+        self, inner: Strategy, *, clients_per_round: int, fraction_evaluate: float, seed: int,
+        wait_for_nodes_s: float = 600.0,
+    ) -> None:
+        self.inner = inner
+        self.clients_per_round = clients_per_round
+        self.fraction_evaluate = fraction_evaluate
+        self.seed = seed
+        self.wait_for_nodes_s = wait_for_nodes_s
+        self.partition_of: dict[int, int] = {}
+        self.last_round = RoundStats()
+        self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    # --- sampling ---------------------------------------------------------
+    def discover(self, grid: Grid) -> dict[int, int]:
+        """Map node id -> partition id, asking only nodes not seen before.
+
+        Nodes that report no partition id (a real device with only a data folder) get
+        the next free ids in node-id order, so the mapping is still deterministic.
+        """
+        deadline = time.monotonic() + self.wait_for_nodes_s
+        while len(node_ids := list(grid.get_node_ids())) < self.clients_per_round:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {len(node_ids)} nodes connected after {self.wait_for_nodes_s:.0f} s; "
+                    f"clients-per-round needs {self.clients_per_round}"
+                )
+            log(INFO, "Waiting for nodes: %d of %d connected", len(node_ids), self.clients_per_round)
+            time.sleep(1.0)
+        unknown = sorted(n for n in node_ids if n not in self.partition_of)
+        if unknown:
+            queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
+                       for n in unknown]
+            unassigned = []
+            for reply in grid.send_and_receive(queries, timeout=60.0):
+                node = reply.metadata.src_node_id
+                pid = -1 if reply.has_error() else int(
+                    reply.content[METRICS_KEY].get("partition-id", -1))
+                if pid >= 0:
+                    self.partition_of[node] = pid
+                else:
+                    unassigned.append(node)
+            next_free = max(self.partition_of.values(), default=-1) + 1
+            for offset, node in enumerate(sorted(unassigned)):
+                self.partition_of[node] = next_free + offset
+        return {n: self.partition_of[n] for n in node_ids if n in self.partition_of}
+
+    def sample(self, grid: Grid, server_round: int, count: int, purpose: int) -> list[int]:
+        """``count`` node ids, chosen by partition id with a generator seeded by the round."""
+        available = self.discover(grid)
+        by_partition = sorted(available, key=available.__getitem__)
+        rng = np.random.default_rng([self.seed, server_round, purpose])
+        chosen = rng.choice(len(by_partition), size=min(count, len(by_partition)), replace=False)
+        return [by_partition[i] for i in sorted(chosen)]
+
+    # --- Strategy ---------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        nodes = self.sample(grid, server_round, self.clients_per_round, purpose=0)
+        self.last_round = RoundStats(sampled=len(nodes))
+        return self.inner.configure_train(server_round, arrays, config, _VisibleNodes(grid, nodes))
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        good = []
+        for reply in replies:
+            if reply.has_error():
+                self.last_round.failed += 1
+                log(WARNING, "Round %d: node %d failed: %s", server_round,
+                    reply.metadata.src_node_id, reply.error.reason.splitlines()[0])
+                continue
+            problem = self.check_reply(reply.content)
+            if problem:
+                self.last_round.rejected += 1
+                log(WARNING, "Round %d: rejected the update of node %d: %s", server_round,
+                    reply.metadata.src_node_id, problem)
+                continue
+            good.append(reply)
+        self.last_round.aggregated = len(good)
+        if not good:
+            log(WARNING, "Round %d: no usable update; the global model stays as it was",
+                server_round)
+            return None, None
+        good.sort(key=lambda m: self.partition_of.get(m.metadata.src_node_id, 0))
+        return self.inner.aggregate_train(server_round, good)
+
+    def check_reply(self, content: RecordDict) -> str | None:
+        """Why a train reply cannot be aggregated, or None if it can."""
+        if set(content.array_records) != {ARRAYS_KEY} or set(content.metric_records) != {
+            METRICS_KEY
+        }:
+            return (f"expected one ArrayRecord '{ARRAYS_KEY}' and one MetricRecord "
+                    f"'{METRICS_KEY}', got {list(content.keys())}")
+        arrays, metrics = content[ARRAYS_KEY], content[METRICS_KEY]
+        if set(arrays) != set(self._expected):
+            return f"array keys differ from the global model's ({sorted(set(arrays) ^ set(self._expected))})"
+        for key, array in arrays.items():
+            shape, dtype = self._expected[key]
+            if tuple(array.shape) != shape or array.dtype != dtype:
+                return f"{key}: {array.dtype}{list(array.shape)}, expected {dtype}{list(shape)}"
+            try:
+                values = array.numpy()
+            except Exception as err:  # pylint: disable=broad-exception-caught
+                return f"{key}: cannot be decoded ({err})"
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                return f"{key}: holds NaN or infinite values"
+        weight = metrics.get(NUM_EXAMPLES_KEY)
+        if isinstance(weight, list) or weight is None or not weight > 0:
+            return f"'{NUM_EXAMPLES_KEY}' must be a positive number, got {weight!r}"
+        return None
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate <= 0:
+            return []
+        count = max(1, round(self.fraction_evaluate * len(list(grid.get_node_ids()))))
+        nodes = self.sample(grid, server_round, count, purpose=1)
+        return self.inner.configure_evaluate(
+            server_round, arrays, config, _VisibleNodes(grid, nodes))
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        good = [r for r in replies if not r.has_error()
+                and r.content.metric_records.get(METRICS_KEY, {}).get(NUM_EXAMPLES_KEY, 0) > 0]
+        return self.inner.aggregate_evaluate(server_round, good) if good else None
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> smallfed: %d clients per round, sampled by partition id (seed %d)",
+            self.clients_per_round, self.seed)
+        self.inner.summary()

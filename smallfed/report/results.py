@@ -1,0 +1,97 @@
+"""results.json and rounds.csv: the record of a run, in a documented, versioned schema.
+
+Schema version 1 (README "Results"):
+
+* ``schema_version``: 1
+* ``config``: every configuration key and its value
+* ``rounds``: one entry per round, round 0 being the initial model, each with
+  ``round``, ``accuracy``, ``loss`` (centralized, on the held-out test set),
+  ``bytes_up``, ``bytes_down`` (serialized array bytes of the messages sent that
+  round), ``clients`` (train replies aggregated), ``clients_failed``,
+  ``updates_rejected`` and ``wall_time_s`` (seconds the round took).
+* ``summary``: ``final_accuracy``, ``best_accuracy``, ``total_bytes_up``,
+  ``total_bytes_down``, ``dense_bytes_up`` (what the same replies cost as dense fp32
+  arrays), ``model_params``, ``model_fp32_bytes``, ``wall_time_s``.
+
+Later features add fields; they never change the meaning of one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+ROUND_FIELDS = (
+    "round", "accuracy", "loss", "bytes_up", "bytes_down", "clients", "clients_failed",
+    "updates_rejected", "wall_time_s",
+)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    accuracy: float
+    loss: float
+    bytes_up: int
+    bytes_down: int
+    clients: int
+    clients_failed: int
+    updates_rejected: int
+    wall_time_s: float
+
+
+@dataclass
+class RunRecorder:
+    """Collects the rounds of a run and writes them out."""
+
+    config: dict[str, Any]
+    model_params: int
+    model_fp32_bytes: int
+    dense_bytes_per_update: int
+    rounds: list[RoundRecord] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    _last: float = field(default_factory=time.perf_counter)
+
+    def add(self, **values: Any) -> RoundRecord:
+        now = time.perf_counter()
+        record = RoundRecord(wall_time_s=round(now - self._last, 4), **values)
+        self._last = now
+        self.rounds.append(record)
+        return record
+
+    def results(self) -> dict[str, Any]:
+        final = self.rounds[-1] if self.rounds else None
+        updates = sum(r.clients for r in self.rounds)
+        summary = {
+            "final_accuracy": final.accuracy if final else None,
+            "best_accuracy": max((r.accuracy for r in self.rounds), default=None),
+            "total_bytes_up": sum(r.bytes_up for r in self.rounds),
+            "total_bytes_down": sum(r.bytes_down for r in self.rounds),
+            "dense_bytes_up": updates * self.dense_bytes_per_update,
+            "model_params": self.model_params,
+            "model_fp32_bytes": self.model_fp32_bytes,
+            "wall_time_s": round(time.perf_counter() - self.started, 3),
+        }
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "config": self.config,
+            "rounds": [asdict(r) for r in self.rounds],
+            "summary": summary,
+        }
+
+    def write(self, out_dir: str | Path) -> dict[str, Any]:
+        """Write results.json and rounds.csv into ``out_dir``; return the results."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        results = self.results()
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        with open(out / "rounds.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=ROUND_FIELDS)
+            writer.writeheader()
+            writer.writerows(results["rounds"])
+        return results

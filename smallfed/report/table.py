@@ -1,0 +1,42 @@
+"""The table of rounds printed at the end of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def rounds_table(results: dict[str, Any]) -> Table:
+    table = Table(title="smallfed: rounds", show_lines=False)
+    for name in ("round", "accuracy", "loss", "clients", "bytes up", "bytes down", "time (s)"):
+        table.add_column(name, justify="right")
+    for r in results["rounds"]:
+        clients = str(r["clients"])
+        if r["clients_failed"] or r["updates_rejected"]:
+            clients += f" ({r['clients_failed']} failed, {r['updates_rejected']} rejected)"
+        table.add_row(
+            str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", clients,
+            human_bytes(r["bytes_up"]), human_bytes(r["bytes_down"]), f"{r['wall_time_s']:.2f}",
+        )
+    s = results["summary"]
+    table.caption = (
+        f"final accuracy {s['final_accuracy']:.4f} | up {human_bytes(s['total_bytes_up'])} "
+        f"(dense fp32 {human_bytes(s['dense_bytes_up'])}) | down "
+        f"{human_bytes(s['total_bytes_down'])} | {s['model_params']:,} parameters | "
+        f"{s['wall_time_s']:.1f} s"
+    )
+    return table
+
+
+def print_rounds(results: dict[str, Any], console: Console | None = None) -> None:
+    (console or Console()).print(rounds_table(results))

@@ -1,0 +1,102 @@
+"""Run a simulation: the same ServerApp and ClientApp on the in-process Grid or on Ray.
+
+``backend = "inprocess"`` (default) suits one machine: it has no start-up cost and no
+polling (see BENCHMARKS.md for the overhead against a plain torch loop).
+``backend = "ray"`` runs Flower's Simulation Engine: use it when clients should run in
+parallel on many cores or several machines, or for populations where per-client
+isolation matters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from smallfed.config import Config
+from smallfed.data import check_data_config
+from smallfed.flower.client import build_client_app
+from smallfed.flower.inprocess import InProcessGrid
+from smallfed.flower.server import build_server_app
+from smallfed.report.results import RoundRecord
+
+
+class RoundProgress:
+    """A rich progress bar over rounds, and one over the clients of the current round."""
+
+    def __init__(self, cfg: Config, enabled: bool = True) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), disable=not enabled, transient=False,
+        )
+        self.rounds = self.progress.add_task("rounds", total=cfg.num_server_rounds)
+        self.clients = self.progress.add_task(
+            "clients", total=cfg.clients_per_round, visible=cfg.backend == "inprocess")
+
+    def on_round(self, record: RoundRecord, total: int) -> None:
+        self.progress.update(
+            self.rounds, completed=record.round,
+            description=f"round {record.round}/{total}  accuracy {record.accuracy:.4f}",
+        )
+        self.progress.reset(self.clients)
+
+    def on_reply(self, _reply: Any) -> None:
+        self.progress.advance(self.clients)
+
+
+@contextmanager
+def quiet_flower(enabled: bool) -> Iterator[None]:
+    """Keep Flower's per-round INFO logs out of the way of the progress bars."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    if enabled:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def simulate(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Check the configuration and data, run the simulation, return results.json's content."""
+    check_data_config(cfg)
+    out = Path(out_dir)
+    bar = RoundProgress(cfg, enabled=progress)
+    server_app = build_server_app(cfg, out, on_round=bar.on_round)
+    client_app = build_client_app(cfg)
+    with quiet_flower(progress), bar.progress:
+        if cfg.backend == "inprocess":
+            grid = InProcessGrid(
+                client_app, cfg.num_clients, run_config=cfg.to_dict(),
+                on_reply=bar.on_reply,
+            )
+            server_app(grid, grid.server_context())
+        else:
+            run_on_ray(cfg, server_app, client_app)
+    results_file = out / "results.json"
+    if not results_file.is_file():
+        raise RuntimeError(f"the simulation ended without writing {results_file}; see the log")
+    return json.loads(results_file.read_text())
+
+
+def run_on_ray(cfg: Config, server_app: Any, client_app: Any) -> None:
+    """Flower's Simulation Engine with the Ray backend.
+
+    ``run_simulation`` is Flower's Python entry point to the engine; it is marked
+    deprecated in favour of ``flwr run``, which `flwr run .` here uses, but it is the
+    one that runs app objects built in this process.
+    """
+    from flwr.simulation import run_simulation
+
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
+        "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
+    }
+    run_simulation(
+        server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients,
+        backend_name="ray", backend_config=backend_config,
+    )
