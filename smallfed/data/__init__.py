@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -56,19 +55,24 @@ def load_dataset(cfg: Config) -> Dataset:
     return load_custom(cfg.dataset)
 
 
+_DATA_KEYS = ("dataset", "data-dir", "test-fraction", "seed", "num-clients", "partitioner",
+              "alpha", "min-partition-size", "classes-per-client", "shards-per-client")
+_CACHE: dict[tuple, FederatedData] = {}
+
+
 def federated_data(cfg: Config) -> FederatedData:
-    """The dataset and its partitions, built once per process and per data configuration."""
-    keys = ("dataset", "data-dir", "test-fraction", "seed", "num-clients", "partitioner",
-            "alpha", "min-partition-size", "classes-per-client", "shards-per-client")
+    """The dataset and its partitions, built once per process and per data configuration.
+
+    Every client of a simulation in this process shares the one copy.
+    """
     values = cfg.to_dict()
-    return _cached(tuple((k, values[k]) for k in keys))
-
-
-@lru_cache(maxsize=4)
-def _cached(items: tuple) -> FederatedData:
-    cfg = Config.from_mapping(dict(items))
-    dataset = load_dataset(cfg)
-    return FederatedData(dataset, partition_indices(dataset.train_y, cfg))
+    key = tuple(values[k] for k in _DATA_KEYS)
+    if key not in _CACHE:
+        if len(_CACHE) >= 4:
+            _CACHE.pop(next(iter(_CACHE)))
+        dataset = load_dataset(cfg)
+        _CACHE[key] = FederatedData(dataset, partition_indices(dataset.train_y, cfg))
+    return _CACHE[key]
 
 
 def check_data_config(cfg: Config) -> FederatedData:
