@@ -6,13 +6,34 @@ call :func:`train`, so the benchmark compares the framework, not two trainers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from smallfed.config import Config
+
+
+# A simulated client is one small device: its work runs on one intra-op thread. This
+# also makes a client's result independent of the engine (Ray's actors run one thread,
+# the in-process engine would otherwise use all cores, and float sums differ by thread
+# count), and for models this small one thread is the fastest on these machines.
+CLIENT_THREADS = 1
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with ``n`` torch intra-op threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -25,7 +46,8 @@ class TrainResult:
 def client_generator(seed: int, server_round: int, partition_id: int) -> torch.Generator:
     """The shuffling RNG of one client in one round: fixed by (seed, round, partition)."""
     gen = torch.Generator()
-    gen.manual_seed(hash((seed, server_round, partition_id)) & 0x7FFF_FFFF_FFFF)
+    state = np.random.SeedSequence([seed, server_round, partition_id + 1]).generate_state(1)
+    gen.manual_seed(int(state[0]))
     return gen
 
 

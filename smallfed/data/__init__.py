@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from smallfed.config import Config, ConfigError
 from smallfed.data.datasets import (
-    MNIST_POOL_SIZE,
+    MNIST_POOL_FRACTION,
     MNIST_SPLIT_SEED,
     Dataset,
     load_custom,
@@ -20,7 +21,7 @@ from smallfed.data.datasets import (
 from smallfed.data.partition import make_partitioner, partition_indices
 
 __all__ = [
-    "MNIST_POOL_SIZE",
+    "MNIST_POOL_FRACTION",
     "MNIST_SPLIT_SEED",
     "Dataset",
     "FederatedData",
@@ -29,6 +30,7 @@ __all__ = [
     "load_dataset",
     "make_partitioner",
     "partition_indices",
+    "write_device_data",
 ]
 
 
@@ -39,7 +41,14 @@ class FederatedData:
     dataset: Dataset
     partitions: list[np.ndarray]
 
-    def client(self, partition_id: int) -> tuple:
+    def client(self, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of one client."""
+        if not 0 <= partition_id < len(self.partitions):
+            raise ValueError(
+                f"partition-id {partition_id} is outside 0..{len(self.partitions) - 1}: the "
+                f"federation has more nodes than num-clients ({len(self.partitions)}); start "
+                "as many SuperNodes as num-clients, or raise num-clients"
+            )
         rows = self.partitions[partition_id]
         return self.dataset.train_x[rows], self.dataset.train_y[rows]
 
@@ -93,3 +102,12 @@ def check_data_config(cfg: Config) -> FederatedData:
             f"dataset {cfg.dataset!r}; use at most {pool}"
         )
     return federated_data(cfg)
+
+
+def write_device_data(cfg: Config, partition_id: int, folder: str | Path) -> Path:
+    """Write one partition as ``data.npz`` (x, y) for a device's ``data-dir`` node config."""
+    x, y = federated_data(cfg).client(partition_id)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "data.npz", x=x.numpy(), y=y.numpy())
+    return out / "data.npz"

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 # The real MNIST training set is not on these machines, only its 10,000-image test
-# set. From it we draw a client pool of 8,000 and a held-out test set of 2,000 with
-# this fixed seed, so every benchmark sees the same split.
+# set. From it we draw a client pool of 80% (8,000) and a held-out test set of 20%
+# (2,000) with this fixed seed, so every benchmark sees the same split.
 MNIST_SPLIT_SEED = 2024
-MNIST_POOL_SIZE = 8000
+MNIST_POOL_FRACTION = 0.8
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ def load_mnist(data_dir: str | Path) -> Dataset:
     With the 60,000-image training files present, they are the client pool and the
     10,000 test images the held-out set. With only the test files (as in
     ``../shared/data/mnist``), the 10,000 are split into a pool of 8,000 and a
-    held-out set of 2,000 by a permutation seeded with ``MNIST_SPLIT_SEED``.
+    held-out set of 2,000 (``MNIST_POOL_FRACTION``) by a permutation seeded with
+    ``MNIST_SPLIT_SEED``.
     """
     folder = Path(data_dir)
     test_x = _read_idx(_find(folder, "t10k-images-idx3-ubyte"))
@@ -68,7 +69,8 @@ def load_mnist(data_dir: str | Path) -> Dataset:
         train_y = _read_idx(_find(folder, "train-labels-idx1-ubyte"))
     else:
         order = np.random.default_rng(MNIST_SPLIT_SEED).permutation(len(test_y))
-        pool, held = order[:MNIST_POOL_SIZE], order[MNIST_POOL_SIZE:]
+        cut = int(round(len(order) * MNIST_POOL_FRACTION))
+        pool, held = order[:cut], order[cut:]
         train_x, train_y = test_x[pool], test_y[pool]
         test_x, test_y = test_x[held], test_y[held]
 

@@ -7,6 +7,8 @@ array and the images are never copied per client.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from datasets import Dataset as HFDataset
@@ -50,10 +52,15 @@ def partition_indices(labels: torch.Tensor, cfg: Config) -> list[np.ndarray]:
     partitioner = make_partitioner(cfg)
     partitioner.dataset = table
     try:
-        parts = [
-            np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
-            for i in range(cfg.num_clients)
-        ]
+        with warnings.catch_warnings():
+            # The Dirichlet partitioner warns on every resampling attempt; a split that
+            # never succeeds becomes one ConfigError below, which says what to change.
+            warnings.filterwarnings("ignore", message="The specified min_partition_size")
+            warnings.filterwarnings("ignore", category=FutureWarning, module="pyarrow")
+            parts = [
+                np.asarray(partitioner.load_partition(i)["row"], dtype=np.int64)
+                for i in range(cfg.num_clients)
+            ]
     except ValueError as err:
         raise ConfigError(
             f"partitioner: {cfg.partitioner} cannot split {len(labels)} samples into "

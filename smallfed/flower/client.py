@@ -20,7 +20,7 @@ from smallfed.data import federated_data
 from smallfed.flower.records import load_record, model_to_record
 from smallfed.flower.strategy import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from smallfed.models import build_model
-from smallfed.training import client_generator, evaluate, train
+from smallfed.training import CLIENT_THREADS, client_generator, evaluate, torch_threads, train
 
 
 def client_data(cfg: Config, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +55,8 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         server_round = int(msg.content["config"]["server-round"])
         mu = float(msg.content["config"].get("proximal-mu", 0.0))
         gen = client_generator(config.seed, server_round, partition_id(context))
-        result = train(model, x, y, config, gen, proximal_mu=mu)
+        with torch_threads(CLIENT_THREADS):
+            result = train(model, x, y, config, gen, proximal_mu=mu)
         metrics = MetricRecord({"train-loss": result.loss, NUM_EXAMPLES_KEY: result.num_examples})
         content = RecordDict({ARRAYS_KEY: model_to_record(model), METRICS_KEY: metrics})
         return Message(content=content, reply_to=msg)
@@ -65,7 +66,8 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         config = config_of(context)
         model = load_record(fresh_model(config), msg.content[ARRAYS_KEY])
         x, y = client_data(config, context)
-        loss, accuracy = evaluate(model, x, y)
+        with torch_threads(CLIENT_THREADS):
+            loss, accuracy = evaluate(model, x, y)
         metrics = MetricRecord(
             {"eval-loss": loss, "eval-accuracy": accuracy, NUM_EXAMPLES_KEY: len(y)})
         return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)

@@ -19,11 +19,10 @@ from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
-from flwr.common.constant import SUPERLINK_NODE_ID
 
 ReplyHook = Callable[[Message], None]
 
@@ -54,12 +53,14 @@ class InProcessGrid(Grid):
                 run_config=dict(run_config or {}),
             )
         self._replies: dict[str, Message] = {}
-
-    def server_context(self) -> Context:
-        """The ServerApp's Context for this run; also sets the process's task identity."""
+        # Messages take their run and source from the process's task identity, which
+        # Flower's engines set for the ServerApp; this Grid is that engine here.
         TaskIdentity.run_id = self._run.run_id
         TaskIdentity.task_id = 1
         TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+    def server_context(self) -> Context:
+        """The ServerApp's Context for this run."""
         return Context(
             run_id=self._run.run_id, node_id=0, node_config={}, state=RecordDict(),
             run_config=dict(self._run.override_config),

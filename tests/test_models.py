@@ -1,0 +1,48 @@
+"""The model zoo: sizes as documented, seeded init, bring-your-own factories."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from smallfed.models import MODELS, build_model, model_report
+
+
+def test_cnn_seed_matches_the_reference() -> None:
+    report = model_report(build_model("cnn-seed", (1, 28, 28), 10, seed=0))
+    assert report.params == 693_962
+    assert report.fp32_bytes == 2_775_848  # 2.78 MB
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28)])
+def test_every_model_classifies_both_datasets(name: str, shape: tuple) -> None:
+    model = build_model(name, shape, 10, seed=0)
+    assert model(torch.zeros(3, *shape)).shape == (3, 10)
+
+
+def test_cnn_tiny_is_compact_and_uses_groupnorm() -> None:
+    model = build_model("cnn-tiny", (1, 28, 28), 10, seed=0)
+    assert model_report(model).params < 110_000
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_init_is_seeded() -> None:
+    a = build_model("cnn-tiny", (1, 8, 8), 10, seed=1).state_dict()
+    b = build_model("cnn-tiny", (1, 8, 8), 10, seed=1).state_dict()
+    c = build_model("cnn-tiny", (1, 8, 8), 10, seed=2).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def linear_factory(input_shape: tuple, num_classes: int) -> nn.Module:
+    """A bring-your-own model used by the test below."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), num_classes))
+
+
+def test_bring_your_own_model() -> None:
+    model = build_model("tests.test_models:linear_factory", (1, 8, 8), 10, seed=0)
+    assert model_report(model).params == 64 * 10 + 10
+    with pytest.raises(ValueError, match="is not in the zoo"):
+        build_model("resnet-152", (1, 8, 8), 10, seed=0)

@@ -1,0 +1,98 @@
+"""The strategy wrapper: seeded sampling by partition id; bad replies dropped, round goes on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from smallfed.config import Config
+from smallfed.flower import InProcessGrid, SmallfedStrategy, build_client_app, build_server_app
+from smallfed.flower.strategy import make_inner_strategy
+
+
+def make_strategy(cfg: Config) -> SmallfedStrategy:
+    return SmallfedStrategy(make_inner_strategy(cfg), clients_per_round=cfg.clients_per_round,
+                            fraction_evaluate=0.0, seed=cfg.seed)
+
+
+def sampled_partitions(cfg: Config, rounds: int) -> list[list[int]]:
+    grid = InProcessGrid(build_client_app(cfg), cfg.num_clients, cfg.to_dict())
+    strategy = make_strategy(cfg)
+    picks = []
+    for r in range(1, rounds + 1):
+        nodes = strategy.sample(grid, r, cfg.clients_per_round, purpose=0)
+        picks.append(sorted(strategy.partition_of[n] for n in nodes))
+    return picks
+
+
+def test_sampling_follows_the_seed_not_the_node_ids() -> None:
+    cfg = Config(num_clients=20, clients_per_round=5, seed=3)
+    first, second = sampled_partitions(cfg, 4), sampled_partitions(cfg, 4)
+    assert first == second  # new random node ids, same partitions
+    assert all(len(set(p)) == 5 for p in first)
+    assert len({tuple(p) for p in first}) > 1  # rounds differ
+    assert sampled_partitions(cfg.replace(seed=4), 4) != first
+
+
+def reply(arrays: dict[str, np.ndarray], num_examples: float = 10) -> RecordDict:
+    return RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"num-examples": num_examples}),
+    })
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (reply({"w": np.full((2, 3), np.nan, np.float32)}), "NaN or infinite"),
+        (reply({"w": np.zeros((3, 2), np.float32)}), "expected float32[2, 3]"),
+        (reply({"w": np.zeros((2, 3), np.float64)}), "expected float32"),
+        (reply({"v": np.zeros((2, 3), np.float32)}), "array keys differ"),
+        (reply({"w": np.zeros((2, 3), np.float32)}, num_examples=0), "must be a positive number"),
+        (RecordDict({"metrics": MetricRecord({"num-examples": 3})}), "expected one ArrayRecord"),
+    ],
+)
+def test_malformed_replies_are_named(content: RecordDict, reason: str) -> None:
+    strategy = make_strategy(Config())
+    strategy._expected = {"w": ((2, 3), "float32")}
+    assert reason in strategy.check_reply(content)
+    assert strategy.check_reply(reply({"w": np.ones((2, 3), np.float32)})) is None
+
+
+def saboteur_app(cfg: Config) -> ClientApp:
+    """The real ClientApp, except partition 1 sends NaNs and partition 2 crashes."""
+    real = build_client_app(cfg)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:  # type: ignore[no-untyped-def]
+        pid = context.node_config["partition-id"]
+        if pid == 2:
+            raise RuntimeError("device ran out of battery")
+        answer = real(msg, context)
+        if pid == 1:
+            arrays = answer.content["arrays"]
+            key = next(iter(arrays))
+            arrays[key] = Array(np.full(arrays[key].shape, np.nan, np.float32))
+        return answer
+
+    @app.query()
+    def query(msg: Message, context) -> Message:  # type: ignore[no-untyped-def]
+        return real(msg, context)
+
+    return app
+
+
+def test_a_bad_update_is_rejected_and_the_round_goes_on(tiny_cfg: Config, tmp_path: Path) -> None:
+    grid = InProcessGrid(saboteur_app(tiny_cfg), tiny_cfg.num_clients, tiny_cfg.to_dict())
+    build_server_app(tiny_cfg, tmp_path)(grid, grid.server_context())
+    results = json.loads((tmp_path / "results.json").read_text())
+    for r in results["rounds"][1:]:
+        assert (r["clients"], r["clients_failed"], r["updates_rejected"]) == (2, 1, 1)
+    accuracies = [r["accuracy"] for r in results["rounds"]]
+    assert accuracies[-1] > accuracies[0] and np.isfinite(accuracies).all()
