@@ -27,6 +27,7 @@ def load_config(path: str | None, overrides: list[str]) -> Config:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from smallfed.report import print_rounds
+    from smallfed.report.plots import plot_rounds
     from smallfed.simulation import simulate
 
     console = Console()
@@ -34,7 +35,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     results = simulate(cfg, out, progress=not args.no_progress)
     print_rounds(results, console)
-    console.print(f"results: {out / 'results.json'} and {out / 'rounds.csv'}")
+    plot_rounds(results, out / "accuracy.png")
+    console.print(f"results: {out / 'results.json'}, {out / 'rounds.csv'}, {out / 'accuracy.png'}")
     return 0
 
 

@@ -20,6 +20,7 @@ def test_simulate_writes_results_and_prints_the_table(
     assert results["config"]["model"] == "mlp"
     assert results["config"]["alpha"] == 0.5  # the quickstart's value
     assert len(results["rounds"]) == 2
+    assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert "smallfed: rounds" in capsys.readouterr().out
 
 
