@@ -2,7 +2,7 @@
 
 from smallfed.flower.client import build_client_app
 from smallfed.flower.inprocess import InProcessGrid
-from smallfed.flower.metering import MeteredGrid
+from smallfed.flower.grids import MeteredGrid
 from smallfed.flower.server import build_server_app, run_server
 from smallfed.flower.strategy import SmallfedStrategy, make_inner_strategy
 

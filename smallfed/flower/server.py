@@ -18,7 +18,7 @@ from flwr.supercore import log
 
 from smallfed.config import Config
 from smallfed.data import federated_data
-from smallfed.flower.metering import MeteredGrid
+from smallfed.flower.grids import MeteredGrid
 from smallfed.flower.records import load_record, model_to_record, record_bytes
 from smallfed.flower.strategy import RoundStats, SmallfedStrategy, make_inner_strategy
 from smallfed.models import build_model, model_report

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 from flwr.supercore import log
 
 from smallfed.config import Config
+from smallfed.flower.grids import ForwardingGrid
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -70,33 +71,15 @@ class RoundStats:
     rejected: int = 0
 
 
-class _VisibleNodes(Grid):
+class _VisibleNodes(ForwardingGrid):
     """A view of a Grid that shows only the sampled nodes to the inner strategy."""
 
     def __init__(self, grid: Grid, node_ids: list[int]) -> None:
-        self._grid, self._node_ids = grid, node_ids
-
-    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
-        self._grid.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return self._grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
-        return self._grid.create_message(*args, **kwargs)
+        super().__init__(grid)
+        self._node_ids = node_ids
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self._node_ids)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
-
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 class SmallfedStrategy(Strategy):

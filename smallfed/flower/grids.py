@@ -1,0 +1,95 @@
+"""Grids that wrap another Grid: one that counts the bytes crossing it, one base that forwards."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from smallfed.flower.records import message_array_bytes
+
+
+@dataclass
+class Traffic:
+    """Bytes of arrays sent down to clients and up from them, and the messages counted."""
+
+    bytes_down: int = 0
+    bytes_up: int = 0
+    messages_down: int = 0
+    messages_up: int = 0
+
+
+class ForwardingGrid(Grid):
+    """A Grid that forwards every call to another Grid; subclasses change one thing."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
+        self._grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self._grid.run
+
+    def create_message(  # pylint: disable=too-many-arguments
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class MeteredGrid(ForwardingGrid):
+    """A Grid that forwards to another and counts each message's serialized array bytes.
+
+    Counting at the Grid, not in the strategy, sees every message the strategy sends
+    (train, evaluate, queries) on the in-process, Ray and deployment Grids alike.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self._traffic = Traffic()
+
+    def take(self) -> Traffic:
+        """The traffic since the last call, and start counting afresh."""
+        traffic, self._traffic = self._traffic, Traffic()
+        return traffic
+
+    def _count(self, messages: Iterable[Message], up: bool) -> list[Message]:
+        messages = list(messages)
+        size = sum(message_array_bytes(msg) for msg in messages)
+        if up:
+            self._traffic.bytes_up += size
+            self._traffic.messages_up += len(messages)
+        else:
+            self._traffic.bytes_down += size
+            self._traffic.messages_down += len(messages)
+        return messages
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(self._count(messages, up=False))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._count(self._grid.pull_messages(message_ids), up=True)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        sent = self._count(messages, up=False)
+        return self._count(self._grid.send_and_receive(sent, timeout=timeout), up=True)
