@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from flwr.app import Message, MessageType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from smallfed.config import Config
@@ -44,8 +45,9 @@ class RoundProgress:
         )
         self.progress.reset(self.clients)
 
-    def on_reply(self, _reply: Any) -> None:
-        self.progress.advance(self.clients)
+    def on_reply(self, reply: Message) -> None:
+        if reply.metadata.message_type == MessageType.TRAIN:
+            self.progress.advance(self.clients)
 
 
 @contextmanager
@@ -77,6 +79,7 @@ def simulate(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict[st
             server_app(grid, grid.server_context())
         else:
             run_on_ray(cfg, server_app, client_app)
+        bar.progress.update(bar.clients, visible=False)
     results_file = out / "results.json"
     if not results_file.is_file():
         raise RuntimeError(f"the simulation ended without writing {results_file}; see the log")
