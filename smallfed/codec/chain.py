@@ -1,0 +1,177 @@
+"""``chain(...)``: stages composed into one codec, checked when built; error feedback.
+
+A codec is written as a string of comma-separated stages, for example
+``"topk:0.01,quantize:4,error_feedback,zlib"``:
+
+=================  ===========================================================
+``topk:A[:global]``  keep the A largest values (A a fraction < 1 or a count)
+``randk:F``          keep a random fraction F; positions follow from a seed
+``quantize:B[:N]``   B-bit stochastic quantisation (1..8), one scale per N values
+``sign``             one bit a value, times the mean magnitude
+``fp16`` ``bf16``    16-bit floats
+``error_feedback``   keep what the lossy stages dropped and add it next round
+``zlib[:L]``         lossless compression of the packed payload (level L)
+=================  ===========================================================
+
+Order rules, checked by :func:`chain`: at most one sparsifier and one value coder;
+the sparsifier comes before the value coder (quantising values that are then
+dropped wastes work and, for top-k, ranks quantisation noise); ``zlib`` comes last;
+``error_feedback`` (anywhere, once) needs a lossy stage. The state of error
+feedback is explicit: :meth:`Chain.encode` takes the residual and returns the new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from smallfed.codec.stages import Cast16, Quantize, RandK, Sign, Stage, TensorCode, TopK
+from smallfed.codec.wire import PayloadError, pack, unpack
+
+Update = dict[str, np.ndarray]
+
+
+class CodecError(ValueError):
+    """A codec that cannot be built; the message names the stage and the fix."""
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Stages in order, whether error feedback is on, and the optional zlib level."""
+
+    stages: tuple[Stage, ...]
+    error_feedback: bool = False
+    zlib_level: int | None = None
+
+    @property
+    def spec(self) -> str:
+        parts = [s.spec for s in self.stages]
+        if self.error_feedback:
+            parts.append("error_feedback")
+        if self.zlib_level is not None:
+            parts.append(f"zlib:{self.zlib_level}")
+        return ",".join(parts) or "none"
+
+    @property
+    def lossy(self) -> bool:
+        return any(s.lossy for s in self.stages)
+
+    def encode(
+        self, update: Mapping[str, np.ndarray], seed: int, residual: Update | None = None
+    ) -> tuple[bytes, Update | None]:
+        """(payload, new residual) for an update; ``residual`` is error feedback's state."""
+        corrected = {k: np.asarray(v, dtype=np.float32) for k, v in update.items()}
+        if self.error_feedback and residual:
+            corrected = {k: v + residual[k] for k, v in corrected.items()}
+        codes = [TensorCode(shape=tuple(v.shape), values=v.reshape(-1)) for v in corrected.values()]
+        rng = np.random.default_rng(seed)
+        for stage in self.stages:
+            codes = stage.encode(codes, rng, seed)
+        payload = pack(self.spec, seed, codes, self.zlib_level)
+        if not self.error_feedback:
+            return payload, None
+        sent = self._dense(self._decode_codes(codes, seed), list(corrected))
+        return payload, {k: corrected[k] - sent[k] for k in corrected}
+
+    def decode(self, payload: bytes, template: Mapping[str, tuple[int, ...]]) -> Update:
+        """The dense update in a payload that must match ``template`` (name -> shape).
+
+        Raises :class:`PayloadError` for anything else: another codec, other shapes,
+        truncation or corruption, or values that decode to NaN or infinity.
+        """
+        spec, seed, codes = unpack(payload, list(template.values()))
+        if spec != self.spec:
+            raise PayloadError(f"encoded with codec {spec!r}, this run uses {self.spec!r}")
+        update = self._dense(self._decode_codes(codes, seed), list(template))
+        for name, values in update.items():
+            if not np.isfinite(values).all():
+                raise PayloadError(f"{name}: decodes to NaN or infinity")
+        return update
+
+    def _decode_codes(self, codes: list[TensorCode], seed: int) -> list[TensorCode]:
+        for stage in reversed(self.stages):
+            codes = stage.decode(codes, seed)
+        return codes
+
+    @staticmethod
+    def _dense(codes: Sequence[TensorCode], names: Sequence[str]) -> Update:
+        return {name: code.dense() for name, code in zip(names, codes)}
+
+
+def parse_stage(text: str) -> Stage | str:
+    """One stage from its string form; 'error_feedback' and 'zlib:L' come back as names."""
+    name, *args = text.strip().split(":")
+    try:
+        if name == "topk" and args:
+            return TopK(float(args[0]), global_=args[1:] == ["global"]) if args[1:] in (
+                [], ["global"]) else _bad(text, "topk:A or topk:A:global")
+        if name == "randk" and len(args) == 1:
+            return RandK(float(args[0]))
+        if name == "quantize" and len(args) in (1, 2):
+            return Quantize(int(args[0]), int(args[1]) if len(args) == 2 else 0)
+        if name == "sign" and not args:
+            return Sign()
+        if name in ("fp16", "bf16") and not args:
+            return Cast16(name)
+        if name in ("error_feedback", "ef") and not args:
+            return "error_feedback"
+        if name == "zlib" and len(args) <= 1:
+            level = int(args[0]) if args else 6
+            if not 0 <= level <= 9:
+                raise ValueError(f"zlib level {level} must be 0..9")
+            return f"zlib:{level}"
+    except ValueError as err:
+        raise CodecError(f"codec stage {text!r}: {err}") from err
+    raise CodecError(
+        f"codec stage {text!r} is not known; use topk:A[:global], randk:F, quantize:B[:N], "
+        "sign, fp16, bf16, error_feedback or zlib[:L]"
+    )
+
+
+def _bad(text: str, form: str) -> Stage:
+    raise ValueError(f"write it as {form}")
+
+
+def chain(*stages: Stage | str) -> Chain:
+    """Compose stages (objects or strings) into a :class:`Chain`, checking their order."""
+    parsed = [parse_stage(s) if isinstance(s, str) else s for s in stages]
+    real = [s for s in parsed if isinstance(s, Stage)]
+    flags = [s for s in parsed if isinstance(s, str)]
+    for role in ("sparsify", "values"):
+        same = [s.spec for s in real if s.role == role]
+        if len(same) > 1:
+            raise CodecError(f"codec: {' and '.join(same)} both {_ROLE[role]}; keep one")
+    roles = [s.role for s in real]
+    if "sparsify" in roles and "values" in roles and roles.index("values") < roles.index("sparsify"):
+        raise CodecError(
+            f"codec: {real[roles.index('values')].spec} comes before "
+            f"{real[roles.index('sparsify')].spec}; sparsify first, then code the values "
+            "(for example topk:0.01,quantize:4)"
+        )
+    if flags.count("error_feedback") > 1:
+        raise CodecError("codec: error_feedback appears twice")
+    zlibs = [i for i, s in enumerate(parsed) if isinstance(s, str) and s.startswith("zlib")]
+    if len(zlibs) > 1 or (zlibs and zlibs[0] != len(parsed) - 1):
+        raise CodecError("codec: zlib compresses the packed payload, so it must come last, once")
+    built = Chain(
+        stages=tuple(real),
+        error_feedback="error_feedback" in flags,
+        zlib_level=int(parsed[zlibs[0]].split(":")[1]) if zlibs else None,
+    )
+    if built.error_feedback and not built.lossy:
+        raise CodecError("codec: error_feedback needs a lossy stage to correct (topk, randk, "
+                         "quantize, sign, fp16 or bf16)")
+    return built
+
+
+_ROLE = {"sparsify": "choose which values to send", "values": "code the values"}
+
+
+def parse_codec(text: str) -> Chain:
+    """A chain from its string form; '' or 'none' is the dense fp32 codec."""
+    text = text.strip()
+    if text in ("", "none"):
+        return chain()
+    return chain(*[part for part in text.split(",") if part.strip()])

@@ -1,0 +1,282 @@
+"""The stages of an update codec. Each turns a list of :class:`TensorCode` into another.
+
+A stage is small and does one thing (optax's transforms are the model): ``encode``
+takes the tensors and an explicit random generator, ``decode`` undoes what can be
+undone (dequantise, widen 16-bit floats, regenerate seeded indices). Sparsifiers keep
+values and their positions; the chain turns the result back into dense tensors.
+
+Error bounds, per value kept (``x`` the input, ``x'`` the decoded value):
+
+* ``fp16``: relative error at most 2**-11 in fp16's normal range; ``bf16``: 2**-8.
+* ``quantize:b``: ``|x' - x| <= (hi - lo) / (2**b - 1)`` for the block's range
+  [lo, hi], and ``E[x'] = x`` (stochastic rounding is unbiased).
+* ``sign``: ``x' = sign(x) * mean|x|`` over the tensor (biased; use error feedback).
+* ``topk`` / ``randk``: kept values exact, dropped ones zero (use error feedback).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+KINDS = ("f32", "f16", "bf16", "q", "sign")
+
+
+@dataclass
+class TensorCode:
+    """One tensor on its way through the chain: its kept values and where they go."""
+
+    shape: tuple[int, ...]
+    values: np.ndarray
+    indices: np.ndarray | None = None  # flat positions of ``values``; None means dense
+    seeded: bool = False  # positions follow from the payload's seed (randk): not sent
+    kind: str = "f32"  # how ``values`` are stored: one of KINDS
+    bits: int = 32  # quantize: bits per code
+    block: int = 0  # quantize: values per scale block (0: the whole tensor)
+    scales: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def count(self) -> int:
+        """How many values are kept."""
+        return self.size if self.indices is None and not self.seeded else len(self.values)
+
+    def dense(self) -> np.ndarray:
+        """The full float32 tensor (zeros where nothing was kept)."""
+        if self.kind != "f32":
+            raise ValueError(f"cannot densify {self.kind} values; decode them first")
+        if self.indices is None:
+            return self.values.reshape(self.shape)
+        out = np.zeros(self.size, dtype=np.float32)
+        out[self.indices] = self.values
+        return out.reshape(self.shape)
+
+
+class Stage:
+    """One step of a codec chain."""
+
+    name: str = ""
+    role: str = ""  # "sparsify", "values" (changes how values are stored) or "lossless"
+    lossy: bool = True
+
+    @property
+    def spec(self) -> str:
+        """The stage as written in a codec string."""
+        return self.name
+
+    def encode(
+        self, codes: list[TensorCode], rng: np.random.Generator, seed: int
+    ) -> list[TensorCode]:
+        raise NotImplementedError
+
+    def decode(self, codes: list[TensorCode], seed: int) -> list[TensorCode]:
+        return codes
+
+
+def _keep(k: int, size: int) -> int:
+    return max(1, min(size, k))
+
+
+class TopK(Stage):
+    """Keep the ``amount`` largest-magnitude values (a fraction < 1, or a count >= 1).
+
+    Per tensor by default; ``global`` ranks all tensors' values together, so layers
+    with larger updates keep more.
+    """
+
+    name, role = "topk", "sparsify"
+
+    def __init__(self, amount: float, global_: bool = False) -> None:
+        if amount <= 0 or (amount >= 1 and amount != int(amount)):
+            raise ValueError(
+                f"topk: {amount} must be a fraction in (0, 1) or a whole count >= 1")
+        self.amount, self.global_ = amount, global_
+
+    @property
+    def spec(self) -> str:
+        amount = f"{int(self.amount)}" if self.amount >= 1 else f"{self.amount:g}"
+        return f"topk:{amount}" + (":global" if self.global_ else "")
+
+    def k_of(self, size: int) -> int:
+        return _keep(int(self.amount) if self.amount >= 1 else math.ceil(self.amount * size), size)
+
+    def encode(self, codes, rng, seed):  # type: ignore[no-untyped-def]
+        if not self.global_:
+            return [self._select(c, self.k_of(c.size)) for c in codes]
+        flat = np.concatenate([np.abs(c.values) for c in codes])
+        k = self.k_of(len(flat))
+        chosen = np.sort(np.argpartition(flat, len(flat) - k)[len(flat) - k :])
+        out, start = [], 0
+        for c in codes:
+            mine = chosen[(chosen >= start) & (chosen < start + c.size)] - start
+            out.append(replace(c, values=c.values[mine], indices=mine))
+            start += c.size
+        return out
+
+    @staticmethod
+    def _select(code: TensorCode, k: int) -> TensorCode:
+        magnitude = np.abs(code.values)
+        kept = np.sort(np.argpartition(magnitude, code.size - k)[code.size - k :])
+        return replace(code, values=code.values[kept], indices=kept)
+
+
+class RandK(Stage):
+    """Keep a random ``fraction`` of each tensor; positions come from the payload's seed.
+
+    The server regenerates the positions from the seed, so none are sent. Values are
+    not rescaled by d/k: this is the contractive (biased) form meant for error feedback.
+    """
+
+    name, role = "randk", "sparsify"
+
+    def __init__(self, fraction: float) -> None:
+        if not 0 < fraction < 1:
+            raise ValueError(f"randk: {fraction} must be a fraction in (0, 1)")
+        self.fraction = fraction
+
+    @property
+    def spec(self) -> str:
+        return f"randk:{self.fraction:g}"
+
+    def positions(self, size: int, tensor: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, tensor])
+        k = _keep(math.ceil(self.fraction * size), size)
+        return np.sort(rng.choice(size, size=k, replace=False))
+
+    def encode(self, codes, rng, seed):  # type: ignore[no-untyped-def]
+        out = []
+        for t, c in enumerate(codes):
+            kept = self.positions(c.size, t, seed)
+            out.append(replace(c, values=c.values[kept], indices=kept, seeded=True))
+        return out
+
+    def decode(self, codes, seed):  # type: ignore[no-untyped-def]
+        return [replace(c, indices=self.positions(c.size, t, seed)) for t, c in enumerate(codes)]
+
+
+class Cast16(Stage):
+    """Store values as IEEE half precision (``fp16``) or bfloat16 (``bf16``)."""
+
+    role = "values"
+
+    def __init__(self, fmt: str) -> None:
+        self.name = fmt
+
+    def encode(self, codes, rng, seed):  # type: ignore[no-untyped-def]
+        if self.name == "fp16":
+            return [replace(c, values=c.values.astype(np.float16), kind="f16", bits=16)
+                    for c in codes]
+        return [replace(c, values=to_bf16(c.values), kind="bf16", bits=16) for c in codes]
+
+    def decode(self, codes, seed):  # type: ignore[no-untyped-def]
+        out = []
+        for c in codes:
+            wide = (c.values.astype(np.float32) if c.kind == "f16"
+                    else from_bf16(c.values))
+            out.append(replace(c, values=wide, kind="f32", bits=32))
+        return out
+
+
+def to_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
+    raw = values.astype(np.float32).view(np.uint32)
+    rounded = raw + np.uint32(0x7FFF) + ((raw >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def from_bf16(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+class Quantize(Stage):
+    """Stochastic ``bits``-bit quantisation between each block's min and max.
+
+    A value x in block [lo, hi] becomes one of 2**bits evenly spaced levels: the one
+    below with probability (1 - frac), above with probability frac, where frac is x's
+    position between them, so E[decoded] = x. Each block sends lo and hi (float32).
+    It can move a value anywhere within [lo, hi] and so can grow an update's L2 norm
+    (by at most sqrt(n) * (hi - lo) / (2**bits - 1)); a server that needs a norm bound
+    must clip after decoding.
+    """
+
+    name, role = "quantize", "values"
+
+    def __init__(self, bits: int, block: int = 0) -> None:
+        if not (isinstance(bits, int) and 1 <= bits <= 8):
+            raise ValueError(f"quantize: bits {bits!r} must be a whole number from 1 to 8")
+        if block < 0:
+            raise ValueError(f"quantize: block {block} must be >= 1 (or 0 for per tensor)")
+        self.bits, self.block = bits, block
+
+    @property
+    def spec(self) -> str:
+        return f"quantize:{self.bits}" + (f":{self.block}" if self.block else "")
+
+    def encode(self, codes, rng, seed):  # type: ignore[no-untyped-def]
+        out = []
+        levels = (1 << self.bits) - 1
+        for c in codes:
+            values = c.values.astype(np.float32)
+            starts = block_starts(len(values), self.block)
+            lo = np.minimum.reduceat(values, starts)
+            hi = np.maximum.reduceat(values, starts)
+            step = level_step(lo, hi, levels)
+            owner = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(values))))
+            position = (values - lo[owner]) / step[owner]
+            codes_ = np.floor(position + rng.random(len(values), dtype=np.float32))
+            codes_ = np.clip(codes_, 0, levels).astype(np.uint8)
+            scales = np.stack([lo, hi], axis=1).reshape(-1).astype(np.float32)
+            out.append(replace(c, values=codes_, kind="q", bits=self.bits, block=self.block,
+                               scales=scales))
+        return out
+
+    def decode(self, codes, seed):  # type: ignore[no-untyped-def]
+        out = []
+        for c in codes:
+            lo, hi = c.scales[0::2], c.scales[1::2]
+            starts = block_starts(len(c.values), c.block)
+            owner = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(c.values))))
+            step = level_step(lo, hi, (1 << c.bits) - 1)
+            values = lo[owner] + c.values.astype(np.float32) * step[owner]
+            out.append(replace(c, values=values.astype(np.float32), kind="f32", bits=32,
+                               block=0, scales=np.zeros(0, np.float32)))
+        return out
+
+
+def block_starts(count: int, block: int) -> np.ndarray:
+    """First index of each scale block (one block when ``block`` is 0)."""
+    return np.arange(0, count, block if block else max(count, 1))
+
+
+def level_step(lo: np.ndarray, hi: np.ndarray, levels: int) -> np.ndarray:
+    """Distance between quantisation levels; 1 where a block is constant (avoids 0/0)."""
+    span = (hi - lo).astype(np.float32)
+    return np.where(span > 0, span / np.float32(levels), np.float32(1)).astype(np.float32)
+
+
+class Sign(Stage):
+    """One bit a value: its sign, times the tensor's mean magnitude (scaled signSGD)."""
+
+    name, role = "sign", "values"
+
+    def encode(self, codes, rng, seed):  # type: ignore[no-untyped-def]
+        out = []
+        for c in codes:
+            scale = np.float32(np.abs(c.values).mean()) if len(c.values) else np.float32(0)
+            out.append(replace(c, values=(c.values >= 0).astype(np.uint8), kind="sign",
+                               bits=1, scales=np.array([scale], np.float32)))
+        return out
+
+    def decode(self, codes, seed):  # type: ignore[no-untyped-def]
+        out = []
+        for c in codes:
+            scale = c.scales[0]
+            values = np.where(c.values.astype(bool), scale, -scale).astype(np.float32)
+            out.append(replace(c, values=values, kind="f32", bits=32,
+                               scales=np.zeros(0, np.float32)))
+        return out
