@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from smallfed.codec import CodecError, parse_codec
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot run; the message names the key and the fix."""
@@ -106,6 +108,16 @@ class Config:
     momentum: float = _key(0.9, "Client SGD momentum (reset every round).", ge=0, lt=1)
     weight_decay: float = _key(0.0, "Client weight decay.", ge=0)
 
+    # --- compression ----------------------------------------------------------
+    codec: str = _key(
+        "none",
+        "Uplink codec: the chain each client's update (its model delta) goes through, "
+        "e.g. 'topk:0.01,quantize:4,error_feedback' (stages: smallfed/codec/chain.py).",
+    )
+    codec_down: str = _key(
+        "none", "Downlink codec for the global model the server broadcasts, e.g. 'fp16'."
+    )
+
     # --- running ------------------------------------------------------------
     backend: str = _key(
         "inprocess",
@@ -132,6 +144,11 @@ class Config:
                 "data-dir: dataset 'mnist' needs the folder of its IDX files, "
                 "for example data-dir = '../shared/data/mnist'"
             )
+        for key, text in (("codec", self.codec), ("codec-down", self.codec_down)):
+            try:
+                parse_codec(text)
+            except CodecError as err:
+                raise ConfigError(f"{key}: {err}") from err
         if self.dataset not in ("digits", "mnist") and not (
             self.dataset.startswith("hf:") or ":" in self.dataset
         ):

@@ -55,6 +55,11 @@ class Chain:
         return ",".join(parts) or "none"
 
     @property
+    def is_identity(self) -> bool:
+        """True for the empty chain: updates travel as Flower's dense arrays, unencoded."""
+        return not self.stages and self.zlib_level is None
+
+    @property
     def lossy(self) -> bool:
         return any(s.lossy for s in self.stages)
 
@@ -142,26 +147,26 @@ def chain(*stages: Stage | str) -> Chain:
     for role in ("sparsify", "values"):
         same = [s.spec for s in real if s.role == role]
         if len(same) > 1:
-            raise CodecError(f"codec: {' and '.join(same)} both {_ROLE[role]}; keep one")
+            raise CodecError(f"{' and '.join(same)} both {_ROLE[role]}; keep one")
     roles = [s.role for s in real]
     if "sparsify" in roles and "values" in roles and roles.index("values") < roles.index("sparsify"):
         raise CodecError(
-            f"codec: {real[roles.index('values')].spec} comes before "
+            f"{real[roles.index('values')].spec} comes before "
             f"{real[roles.index('sparsify')].spec}; sparsify first, then code the values "
             "(for example topk:0.01,quantize:4)"
         )
     if flags.count("error_feedback") > 1:
-        raise CodecError("codec: error_feedback appears twice")
+        raise CodecError("error_feedback appears twice")
     zlibs = [i for i, s in enumerate(parsed) if isinstance(s, str) and s.startswith("zlib")]
     if len(zlibs) > 1 or (zlibs and zlibs[0] != len(parsed) - 1):
-        raise CodecError("codec: zlib compresses the packed payload, so it must come last, once")
+        raise CodecError("zlib compresses the packed payload, so it must come last, once")
     built = Chain(
         stages=tuple(real),
         error_feedback="error_feedback" in flags,
         zlib_level=int(parsed[zlibs[0]].split(":")[1]) if zlibs else None,
     )
     if built.error_feedback and not built.lossy:
-        raise CodecError("codec: error_feedback needs a lossy stage to correct (topk, randk, "
+        raise CodecError("error_feedback needs a lossy stage to correct (topk, randk, "
                          "quantize, sign, fp16 or bf16)")
     return built
 
@@ -175,3 +180,12 @@ def parse_codec(text: str) -> Chain:
     if text in ("", "none"):
         return chain()
     return chain(*[part for part in text.split(",") if part.strip()])
+
+
+def encoding_seed(seed: int, server_round: int, partition_id: int, downlink: bool) -> int:
+    """The seed of one encoding, fixed by run seed, round, client and direction.
+
+    Stochastic rounding and random-k positions then repeat exactly with the run's seed.
+    """
+    words = [seed, server_round, partition_id + 1, int(downlink)]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))

@@ -95,7 +95,13 @@ def unpack(payload: bytes, shapes: Sequence[tuple[int, ...]]) -> tuple[str, int,
 
 # --- writing -------------------------------------------------------------------
 def _varint(n: int) -> bytes:
-    return bitcode.encode_varints(np.array([n], dtype=np.uint64))
+    """One LEB128 number; header fields are few, so plain Python beats numpy here."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def _indices(code: TensorCode) -> bytes:

@@ -8,6 +8,7 @@ In simulation a client's data is partition ``partition-id`` of the configured da
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,17 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from smallfed.codec import Chain, parse_codec
 from smallfed.config import Config
 from smallfed.data import federated_data
-from smallfed.flower.records import load_record, model_to_record
-from smallfed.flower.strategy import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from smallfed.flower.codec_mod import make_codec_mod
+from smallfed.flower.records import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    load_record,
+    model_to_record,
+)
 from smallfed.models import build_model
 from smallfed.training import CLIENT_THREADS, client_generator, evaluate, torch_threads, train
 
@@ -47,7 +55,16 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         dataset = federated_data(config).dataset
         return build_model(config.model, dataset.input_shape, dataset.num_classes, config.seed)
 
-    @app.train()
+    @lru_cache(maxsize=8)
+    def template_of(config: Config) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in fresh_model(config).state_dict().items()}
+
+    def chains(context: Context) -> tuple[Chain, Chain, dict[str, tuple[int, ...]], int]:
+        config = config_of(context)
+        return (parse_codec(config.codec), parse_codec(config.codec_down), template_of(config),
+                config.seed)
+
+    @app.train(mods=[make_codec_mod(chains)])
     def handle_train(msg: Message, context: Context) -> Message:
         config = config_of(context)
         model = load_record(fresh_model(config), msg.content[ARRAYS_KEY])

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Message
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message
 from torch import nn
+
+# Record keys of the messages between ServerApp and ClientApp (Flower's defaults).
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+NUM_EXAMPLES_KEY = "num-examples"
+
+# An encoded update travels as one Array whose data are the payload's bytes exactly,
+# so the bytes counted on the Grid are len(payload), not a serialized numpy copy.
+PAYLOAD_KEY = "payload"
+PAYLOAD_STYPE = "smallfed.codec"
 
 
 def model_to_record(model: nn.Module) -> ArrayRecord:
@@ -25,3 +36,26 @@ def message_array_bytes(message: Message) -> int:
     if message.has_error():
         return 0
     return sum(record_bytes(record) for record in message.content.array_records.values())
+
+
+def payload_record(payload: bytes) -> ArrayRecord:
+    """An ArrayRecord carrying one codec payload as a uint8 array of len(payload) bytes."""
+    array = Array(dtype="uint8", shape=(len(payload),), stype=PAYLOAD_STYPE, data=payload)
+    return ArrayRecord({PAYLOAD_KEY: array})
+
+
+def record_payload(record: ArrayRecord) -> bytes:
+    """The payload in a record made by :func:`payload_record`; ValueError for anything else."""
+    array = record.get(PAYLOAD_KEY) if len(record) == 1 else None
+    if array is None or array.stype != PAYLOAD_STYPE:
+        raise ValueError(f"expected one '{PAYLOAD_KEY}' array of type {PAYLOAD_STYPE}, got "
+                         f"{[(k, a.stype) for k, a in record.items()]}")
+    return array.data
+
+
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def arrays_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in arrays.items()})

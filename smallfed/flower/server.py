@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from smallfed.codec import parse_codec
 from smallfed.config import Config
 from smallfed.data import federated_data
 from smallfed.flower.grids import MeteredGrid
@@ -53,6 +54,7 @@ def run_server(
     strategy = SmallfedStrategy(
         make_inner_strategy(cfg), clients_per_round=cfg.clients_per_round,
         fraction_evaluate=cfg.fraction_evaluate, seed=cfg.seed,
+        codec_up=parse_codec(cfg.codec), codec_down=parse_codec(cfg.codec_down),
     )
     metered = MeteredGrid(grid)
     recorder = RunRecorder(
@@ -69,6 +71,7 @@ def run_server(
             round=server_round, accuracy=accuracy, loss=loss, bytes_up=traffic.bytes_up,
             bytes_down=traffic.bytes_down, clients=stats.aggregated,
             clients_failed=stats.failed, updates_rejected=stats.rejected,
+            sampled=stats.sampled,
         )
         if on_round is not None:
             on_round(record, cfg.num_server_rounds)

@@ -13,6 +13,11 @@ shape of Flower's DP wrappers, and adds what a reproducible, robust run needs:
   values, no positive ``num-examples``) is logged and dropped, and the round goes on
   with the others.
 * Replies aggregated in partition order, so float sums are identical run to run.
+* Compression (``codec``, ``codec-down``): the broadcast global model is replaced by
+  one payload after the inner strategy built its messages (FedAvgM and FedOpt keep
+  the dense arrays they were given), and each reply's payload is decoded into the
+  client's delta and added to the global model before the inner strategy averages.
+  A payload that does not decode is rejected like any malformed reply.
 """
 
 from __future__ import annotations
@@ -28,12 +33,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 from flwr.supercore import log
 
+from smallfed.codec import Chain, PayloadError, chain, encoding_seed
 from smallfed.config import Config
 from smallfed.flower.grids import ForwardingGrid
+from smallfed.flower.records import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    arrays_record,
+    payload_record,
+    record_arrays,
+    record_payload,
+)
 
-ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
-NUM_EXAMPLES_KEY = "num-examples"
 
 
 def make_inner_strategy(cfg: Config) -> FedAvg:
@@ -87,9 +99,12 @@ class SmallfedStrategy(Strategy):
 
     def __init__(
         self, inner: Strategy, *, clients_per_round: int, fraction_evaluate: float, seed: int,
+        codec_up: Chain | None = None, codec_down: Chain | None = None,
         wait_for_nodes_s: float = 600.0,
     ) -> None:
         self.inner = inner
+        self.codec_up = codec_up or chain()
+        self.codec_down = codec_down or chain()
         self.clients_per_round = clients_per_round
         self.fraction_evaluate = fraction_evaluate
         self.seed = seed
@@ -97,6 +112,7 @@ class SmallfedStrategy(Strategy):
         self.partition_of: dict[int, int] = {}
         self.last_round = RoundStats()
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._global: dict[str, np.ndarray] = {}
 
     # --- sampling ---------------------------------------------------------
     def discover(self, grid: Grid) -> dict[int, int]:
@@ -147,7 +163,16 @@ class SmallfedStrategy(Strategy):
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         nodes = self.sample(grid, server_round, self.clients_per_round, purpose=0)
         self.last_round = RoundStats(sampled=len(nodes))
-        return self.inner.configure_train(server_round, arrays, config, _VisibleNodes(grid, nodes))
+        messages = list(self.inner.configure_train(
+            server_round, arrays, config, _VisibleNodes(grid, nodes)))
+        if not (self.codec_up.is_identity and self.codec_down.is_identity):
+            self._global = record_arrays(arrays)
+        if not self.codec_down.is_identity:
+            seed = encoding_seed(self.seed, server_round, -1, downlink=True)
+            record = payload_record(self.codec_down.encode(self._global, seed)[0])
+            for message in messages:
+                message.content[ARRAYS_KEY] = record
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -160,7 +185,7 @@ class SmallfedStrategy(Strategy):
                 log(WARNING, "Round %d: node %d failed: %s", server_round,
                     reply.metadata.src_node_id, reply.error.reason.splitlines()[0])
                 continue
-            problem = self.check_reply(reply.content)
+            problem = self.decode_reply(reply.content) or self.check_reply(reply.content)
             if problem:
                 self.last_round.rejected += 1
                 log(WARNING, "Round %d: rejected the update of node %d: %s", server_round,
@@ -174,6 +199,20 @@ class SmallfedStrategy(Strategy):
             return None, None
         good.sort(key=lambda m: self.partition_of.get(m.metadata.src_node_id, 0))
         return self.inner.aggregate_train(server_round, good)
+
+    def decode_reply(self, content: RecordDict) -> str | None:
+        """Replace an encoded update by the client's model (global + delta); or say why not."""
+        if self.codec_up.is_identity:
+            return None
+        try:
+            payload = record_payload(content[ARRAYS_KEY])
+            template = {k: shape for k, (shape, _) in self._expected.items()}
+            delta = self.codec_up.decode(payload, template)
+        except (KeyError, TypeError, ValueError) as err:  # PayloadError is a ValueError
+            kind = "payload" if isinstance(err, PayloadError) else "reply"
+            return f"bad {kind}: {err}"
+        content[ARRAYS_KEY] = arrays_record({k: self._global[k] + delta[k] for k in delta})
+        return None
 
     def check_reply(self, content: RecordDict) -> str | None:
         """Why a train reply cannot be aggregated, or None if it can."""

@@ -10,8 +10,10 @@ Schema version 1 (README "Results"):
   round), ``clients`` (train replies aggregated), ``clients_failed``,
   ``updates_rejected`` and ``wall_time_s`` (seconds the round took).
 * ``summary``: ``final_accuracy``, ``best_accuracy``, ``total_bytes_up``,
-  ``total_bytes_down``, ``dense_bytes_up`` (what the same replies cost as dense fp32
-  arrays), ``model_params``, ``model_fp32_bytes``, ``wall_time_s``.
+  ``total_bytes_down``, ``dense_bytes_up`` (what the aggregated updates would have
+  cost as dense fp32 arrays), ``dense_bytes_down`` (the same for the models sent to
+  the sampled clients), ``compression_ratio_up`` (dense_bytes_up / total_bytes_up),
+  ``compression_ratio_down``, ``model_params``, ``model_fp32_bytes``, ``wall_time_s``.
 
 Later features add fields; they never change the meaning of one.
 """
@@ -54,10 +56,13 @@ class RunRecorder:
     model_fp32_bytes: int
     dense_bytes_per_update: int
     rounds: list[RoundRecord] = field(default_factory=list)
+    models_sent: int = 0
     started: float = field(default_factory=time.perf_counter)
     _last: float = field(default_factory=time.perf_counter)
 
-    def add(self, **values: Any) -> RoundRecord:
+    def add(self, sampled: int = 0, **values: Any) -> RoundRecord:
+        """Record a round; ``sampled`` clients were each sent the global model."""
+        self.models_sent += sampled
         now = time.perf_counter()
         record = RoundRecord(wall_time_s=round(now - self._last, 4), **values)
         self._last = now
@@ -67,12 +72,19 @@ class RunRecorder:
     def results(self) -> dict[str, Any]:
         final = self.rounds[-1] if self.rounds else None
         updates = sum(r.clients for r in self.rounds)
+        up = sum(r.bytes_up for r in self.rounds)
+        down = sum(r.bytes_down for r in self.rounds)
+        dense_up = updates * self.dense_bytes_per_update
+        dense_down = self.models_sent * self.dense_bytes_per_update
         summary = {
             "final_accuracy": final.accuracy if final else None,
             "best_accuracy": max((r.accuracy for r in self.rounds), default=None),
-            "total_bytes_up": sum(r.bytes_up for r in self.rounds),
-            "total_bytes_down": sum(r.bytes_down for r in self.rounds),
-            "dense_bytes_up": updates * self.dense_bytes_per_update,
+            "total_bytes_up": up,
+            "total_bytes_down": down,
+            "dense_bytes_up": dense_up,
+            "dense_bytes_down": dense_down,
+            "compression_ratio_up": round(dense_up / up, 3) if up else None,
+            "compression_ratio_down": round(dense_down / down, 3) if down else None,
             "model_params": self.model_params,
             "model_fp32_bytes": self.model_fp32_bytes,
             "wall_time_s": round(time.perf_counter() - self.started, 3),

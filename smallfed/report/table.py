@@ -16,6 +16,10 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GB"
 
 
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}x"
+
+
 def rounds_table(results: dict[str, Any]) -> Table:
     table = Table(title="smallfed: rounds", show_lines=False)
     for name in ("round", "accuracy", "loss", "clients", "bytes up", "bytes down", "time (s)"):
@@ -30,10 +34,10 @@ def rounds_table(results: dict[str, Any]) -> Table:
         )
     s = results["summary"]
     table.caption = (
-        f"final accuracy {s['final_accuracy']:.4f} | up {human_bytes(s['total_bytes_up'])} "
-        f"(dense fp32 {human_bytes(s['dense_bytes_up'])}) | down "
-        f"{human_bytes(s['total_bytes_down'])} | {s['model_params']:,} parameters | "
-        f"{s['wall_time_s']:.1f} s"
+        f"final accuracy {s['final_accuracy']:.4f} | up {human_bytes(s['total_bytes_up'])}, "
+        f"{_ratio(s['compression_ratio_up'])} fewer than dense fp32 | down "
+        f"{human_bytes(s['total_bytes_down'])}, {_ratio(s['compression_ratio_down'])} fewer | "
+        f"{s['model_params']:,} parameters | {s['wall_time_s']:.1f} s"
     )
     return table
 

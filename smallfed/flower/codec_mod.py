@@ -1,0 +1,62 @@
+"""The client side of update compression: a Flower mod on the train handler.
+
+Before training it decodes a compressed global model (``codec-down``); after
+training it replaces the reply's model with one payload holding the encoded delta
+(``codec``), so what leaves the device is exactly ``len(payload)`` bytes of arrays.
+Error feedback's residual lives in the node's ``Context.state`` (an ArrayRecord),
+which Flower keeps for the node across rounds in simulation and on a device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+from smallfed.codec import Chain, encoding_seed
+from smallfed.flower.records import (
+    ARRAYS_KEY,
+    PAYLOAD_STYPE,
+    arrays_record,
+    payload_record,
+    record_arrays,
+    record_payload,
+)
+
+RESIDUAL_KEY = "smallfed-codec-residual"
+Template = dict[str, tuple[int, ...]]
+
+
+def is_payload(record: ArrayRecord) -> bool:
+    return any(array.stype == PAYLOAD_STYPE for array in record.values())
+
+
+def make_codec_mod(
+    chains: Callable[[Context], tuple[Chain, Chain, Template, int]],
+) -> Callable[[Message, Context, ClientAppCallable], Message]:
+    """A mod; ``chains(context)`` gives (uplink, downlink, model template, seed)."""
+
+    def codec_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        up, down, template, seed = chains(context)
+        received = msg.content[ARRAYS_KEY]
+        if is_payload(received):
+            msg.content[ARRAYS_KEY] = arrays_record(down.decode(record_payload(received), template))
+        start = record_arrays(msg.content[ARRAYS_KEY])
+        reply = call_next(msg, context)
+        if reply.has_error() or up.is_identity:
+            return reply
+        trained = record_arrays(reply.content[ARRAYS_KEY])
+        delta = {name: trained[name] - start[name] for name in template}
+        residual = None
+        if up.error_feedback and RESIDUAL_KEY in context.state:
+            residual = record_arrays(context.state[RESIDUAL_KEY])
+        server_round = int(msg.content["config"]["server-round"])
+        pid = int(context.node_config.get("partition-id", -1))
+        payload, residual = up.encode(delta, encoding_seed(seed, server_round, pid, downlink=False), residual)
+        if residual is not None:
+            context.state[RESIDUAL_KEY] = arrays_record(residual)
+        reply.content[ARRAYS_KEY] = payload_record(payload)
+        return reply
+
+    return codec_mod
