@@ -77,6 +77,8 @@ def indices_to_gaps(indices: np.ndarray) -> np.ndarray:
 
 
 def gaps_to_indices(gaps: np.ndarray, size: int) -> np.ndarray:
+    if len(gaps) and gaps.max() >= size:
+        raise ValueError(f"a gap of {int(gaps.max())} does not fit a tensor of {size} values")
     indices = np.cumsum(gaps.astype(np.int64) + 1) - 1
     if len(indices) and indices[-1] >= size:
         raise ValueError(f"index {int(indices[-1])} is outside a tensor of {size} values")

@@ -27,7 +27,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from smallfed.codec.stages import Cast16, Quantize, RandK, Sign, Stage, TensorCode, TopK
+from smallfed.codec.stages import (
+    Cast16,
+    Quantize,
+    RandK,
+    Sign,
+    Stage,
+    TensorCode,
+    TopK,
+    check_layout,
+)
 from smallfed.codec.wire import PayloadError, pack, unpack
 
 Update = dict[str, np.ndarray]
@@ -89,11 +98,25 @@ class Chain:
         spec, seed, codes = unpack(payload, list(template.values()))
         if spec != self.spec:
             raise PayloadError(f"encoded with codec {spec!r}, this run uses {self.spec!r}")
+        problem = self._check(codes)
+        if problem:
+            raise PayloadError(problem)
         update = self._dense(self._decode_codes(codes, seed), list(template))
         for name, values in update.items():
             if not np.isfinite(values).all():
                 raise PayloadError(f"{name}: decodes to NaN or infinity")
         return update
+
+    def _check(self, codes: list[TensorCode]) -> str | None:
+        """Does every tensor look like what these stages produce? (The wire can lie.)"""
+        roles = {s.role for s in self.stages}
+        if "sparsify" not in roles and any(c.seeded or c.indices is not None for c in codes):
+            return "sparse tensors, but the codec sends every value"
+        if "values" not in roles:
+            problem = check_layout(codes, "f32", 32)
+            if problem:
+                return problem
+        return next((p for p in (s.check(codes) for s in self.stages) if p), None)
 
     def _decode_codes(self, codes: list[TensorCode], seed: int) -> list[TensorCode]:
         for stage in reversed(self.stages):

@@ -77,6 +77,25 @@ class Stage:
     def decode(self, codes: list[TensorCode], seed: int) -> list[TensorCode]:
         return codes
 
+    def check(self, codes: list[TensorCode]) -> str | None:
+        """Why decoded-from-the-wire tensors cannot have come from this stage, or None.
+
+        The wire format describes each tensor itself; this makes sure that description
+        is what this stage produces before :meth:`decode` relies on it.
+        """
+        return None
+
+
+def check_layout(codes: list[TensorCode], kind: str, bits: int, block: int = 0) -> str | None:
+    """The common check of value stages: every tensor's values stored as ``kind``."""
+    for i, c in enumerate(codes):
+        if (c.kind, c.bits, c.block) != (kind, bits, block):
+            return (f"tensor {i}: {c.kind} values of {c.bits} bits (block {c.block}), "
+                    f"the codec sends {kind} of {bits} bits (block {block})")
+        if kind in ("q", "sign") and len(c.scales) == 0 and c.count:
+            return f"tensor {i}: no scales"
+    return None
+
 
 def _keep(k: int, size: int) -> int:
     return max(1, min(size, k))
@@ -118,6 +137,17 @@ class TopK(Stage):
             start += c.size
         return out
 
+    def check(self, codes):  # type: ignore[no-untyped-def]
+        if any(c.seeded or c.indices is None for c in codes):
+            return "top-k tensors must carry their positions"
+        if self.global_:
+            total, size = sum(len(c.values) for c in codes), sum(c.size for c in codes)
+            return None if total == self.k_of(size) else f"{total} values kept, top-k keeps {self.k_of(size)}"
+        for i, c in enumerate(codes):
+            if len(c.values) != self.k_of(c.size):
+                return f"tensor {i}: {len(c.values)} values kept, top-k keeps {self.k_of(c.size)}"
+        return None
+
     @staticmethod
     def _select(code: TensorCode, k: int) -> TensorCode:
         magnitude = np.abs(code.values)
@@ -158,6 +188,13 @@ class RandK(Stage):
     def decode(self, codes, seed):  # type: ignore[no-untyped-def]
         return [replace(c, indices=self.positions(c.size, t, seed)) for t, c in enumerate(codes)]
 
+    def check(self, codes):  # type: ignore[no-untyped-def]
+        for i, c in enumerate(codes):
+            k = _keep(math.ceil(self.fraction * c.size), c.size)
+            if not c.seeded or len(c.values) != k:
+                return f"tensor {i}: random-k sends {k} values at seeded positions"
+        return None
+
 
 class Cast16(Stage):
     """Store values as IEEE half precision (``fp16``) or bfloat16 (``bf16``)."""
@@ -172,6 +209,9 @@ class Cast16(Stage):
             return [replace(c, values=c.values.astype(np.float16), kind="f16", bits=16)
                     for c in codes]
         return [replace(c, values=to_bf16(c.values), kind="bf16", bits=16) for c in codes]
+
+    def check(self, codes):  # type: ignore[no-untyped-def]
+        return check_layout(codes, "f16" if self.name == "fp16" else "bf16", 16)
 
     def decode(self, codes, seed):  # type: ignore[no-untyped-def]
         out = []
@@ -235,6 +275,9 @@ class Quantize(Stage):
                                scales=scales))
         return out
 
+    def check(self, codes):  # type: ignore[no-untyped-def]
+        return check_layout(codes, "q", self.bits, self.block)
+
     def decode(self, codes, seed):  # type: ignore[no-untyped-def]
         out = []
         for c in codes:
@@ -271,6 +314,9 @@ class Sign(Stage):
             out.append(replace(c, values=(c.values >= 0).astype(np.uint8), kind="sign",
                                bits=1, scales=np.array([scale], np.float32)))
         return out
+
+    def check(self, codes):  # type: ignore[no-untyped-def]
+        return check_layout(codes, "sign", 1)
 
     def decode(self, codes, seed):  # type: ignore[no-untyped-def]
         out = []

@@ -84,7 +84,7 @@ def unpack(payload: bytes, shapes: Sequence[tuple[int, ...]]) -> tuple[str, int,
     if flags & FLAG_ZLIB:
         body = _inflate(body, limit=sum(8 * math.prod(s) + 64 for s in shapes) + 64)
     reader = _Reader(body)
-    count = reader.varint(limit=len(shapes))
+    count = reader.varint(limit=2**20)
     if count != len(shapes):
         raise PayloadError(f"holds {count} tensors, the model has {len(shapes)}")
     codes = [_tensor(reader, tuple(shape), i) for i, shape in enumerate(shapes)]
