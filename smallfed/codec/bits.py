@@ -17,6 +17,13 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     codes = np.asarray(codes, dtype=np.uint8)
     if bits == 8:
         return codes.tobytes()
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, shifts beat bit planes
+        per = 8 // bits
+        padded = np.zeros(-(-len(codes) // per) * per, dtype=np.uint8)
+        padded[: len(codes)] = codes
+        shifts = np.arange(8 - bits, -1, -bits, dtype=np.uint8)
+        return np.bitwise_or.reduce(padded.reshape(-1, per) << shifts, axis=1).astype(
+            np.uint8).tobytes()
     planes = np.unpackbits(codes[:, None], axis=1)[:, 8 - bits :]
     return np.packbits(planes.reshape(-1)).tobytes()
 
@@ -29,6 +36,10 @@ def unpack_codes(data: bytes, count: int, bits: int) -> np.ndarray:
     raw = np.frombuffer(data, dtype=np.uint8)
     if bits == 8:
         return raw.copy()
+    if 8 % bits == 0:
+        shifts = np.arange(8 - bits, -1, -bits, dtype=np.uint8)
+        mask = np.uint8((1 << bits) - 1)
+        return ((raw[:, None] >> shifts) & mask).reshape(-1)[:count]
     flat = np.unpackbits(raw)[: count * bits].reshape(count, bits)
     padded = np.zeros((count, 8), dtype=np.uint8)
     padded[:, 8 - bits :] = flat

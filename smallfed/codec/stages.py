@@ -261,18 +261,15 @@ class Quantize(Stage):
         out = []
         levels = (1 << self.bits) - 1
         for c in codes:
-            values = c.values.astype(np.float32)
-            starts = block_starts(len(values), self.block)
-            lo = np.minimum.reduceat(values, starts)
-            hi = np.maximum.reduceat(values, starts)
+            blocks = as_blocks(c.values.astype(np.float32), self.block)
+            lo, hi = blocks.min(axis=1), blocks.max(axis=1)
             step = level_step(lo, hi, levels)
-            owner = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(values))))
-            position = (values - lo[owner]) / step[owner]
-            codes_ = np.floor(position + rng.random(len(values), dtype=np.float32))
-            codes_ = np.clip(codes_, 0, levels).astype(np.uint8)
-            scales = np.stack([lo, hi], axis=1).reshape(-1).astype(np.float32)
-            out.append(replace(c, values=codes_, kind="q", bits=self.bits, block=self.block,
-                               scales=scales))
+            position = (blocks - lo[:, None]) / step[:, None]
+            noise = rng.random(blocks.shape, dtype=np.float32)
+            quantized = np.clip(np.floor(position + noise), 0, levels).astype(np.uint8)
+            scales = np.stack([lo, hi], axis=1).reshape(-1)
+            out.append(replace(c, values=quantized.reshape(-1)[: len(c.values)], kind="q",
+                               bits=self.bits, block=self.block, scales=scales))
         return out
 
     def check(self, codes):  # type: ignore[no-untyped-def]
@@ -282,18 +279,24 @@ class Quantize(Stage):
         out = []
         for c in codes:
             lo, hi = c.scales[0::2], c.scales[1::2]
-            starts = block_starts(len(c.values), c.block)
-            owner = np.repeat(np.arange(len(starts)), np.diff(np.append(starts, len(c.values))))
             step = level_step(lo, hi, (1 << c.bits) - 1)
-            values = lo[owner] + c.values.astype(np.float32) * step[owner]
-            out.append(replace(c, values=values.astype(np.float32), kind="f32", bits=32,
-                               block=0, scales=np.zeros(0, np.float32)))
+            blocks = as_blocks(c.values.astype(np.float32), c.block)
+            values = (lo[:, None] + blocks * step[:, None]).reshape(-1)[: len(c.values)]
+            out.append(replace(c, values=values, kind="f32", bits=32, block=0,
+                               scales=np.zeros(0, np.float32)))
         return out
 
 
-def block_starts(count: int, block: int) -> np.ndarray:
-    """First index of each scale block (one block when ``block`` is 0)."""
-    return np.arange(0, count, block if block else max(count, 1))
+def as_blocks(values: np.ndarray, block: int) -> np.ndarray:
+    """Values as rows of ``block`` (one row when 0), the last padded with its last value.
+
+    Padding by repeating a real value leaves each block's min and max unchanged.
+    """
+    width = block if block else max(len(values), 1)
+    rows = -(-len(values) // width)
+    if rows * width != len(values):
+        values = np.pad(values, (0, rows * width - len(values)), mode="edge")
+    return values.reshape(rows, width)
 
 
 def level_step(lo: np.ndarray, hi: np.ndarray, levels: int) -> np.ndarray:

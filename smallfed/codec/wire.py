@@ -205,7 +205,8 @@ def _tensor(reader: _Reader, shape: tuple[int, ...], position: int) -> TensorCod
             raise PayloadError(f"{where}: unknown value kind {kind_code}")
         kind = KINDS[kind_code]
         block = reader.varint(limit=2**32)
-        n_scales = {"q": 2 * len(range(0, count, block or max(count, 1))), "sign": 1}.get(kind, 0)
+        blocks = -(-count // (block or max(count, 1)))
+        n_scales = {"q": 2 * blocks, "sign": 1}.get(kind, 0)
         scales = np.frombuffer(reader.take(4 * n_scales), dtype="<f4").astype(np.float32)
         values = _read_values(reader, kind, bits, count, where)
     except ValueError as err:  # the bit-level decoders' complaints
