@@ -62,6 +62,12 @@ class Config:
     )
     server_momentum: float = _key(0.0, "Server momentum (fedavgm).", ge=0, lt=1)
     proximal_mu: float = _key(0.0, "Proximal term weight (fedprox).", ge=0)
+    min_replies: int = _key(
+        1,
+        "Fewest usable updates a round aggregates; with fewer the round fails (logged, "
+        "global model unchanged) and the run goes on.",
+        ge=1,
+    )
     fraction_evaluate: float = _key(
         0.0,
         "Fraction of clients that also evaluate the global model on their own data "
@@ -138,6 +144,11 @@ class Config:
             raise ConfigError(
                 f"clients-per-round: {self.clients_per_round} is more than num-clients "
                 f"({self.num_clients}); use at most {self.num_clients}"
+            )
+        if self.min_replies > self.clients_per_round:
+            raise ConfigError(
+                f"min-replies: {self.min_replies} is more than clients-per-round "
+                f"({self.clients_per_round}); no round could succeed"
             )
         if self.dataset == "mnist" and not self.data_dir:
             raise ConfigError(

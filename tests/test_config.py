@@ -27,6 +27,9 @@ from smallfed.data import check_data_config
         ({"clients-per-round": 30, "num-clients": 20}, "clients-per-round: 30 is more than"),
         ({"dataset": "mnist"}, "data-dir: dataset 'mnist' needs"),
         ({"dataset": "cifar"}, "dataset: 'cifar' is not known"),
+        ({"min-replies": 11}, "min-replies: 11 is more than clients-per-round"),
+        ({"codec": "quantize:4,topk:0.1"}, "codec: quantize:4 comes before topk:0.1"),
+        ({"codec-down": "zip"}, "codec-down: codec stage 'zip' is not known"),
     ],
 )
 def test_impossible_values_are_rejected(values: dict, message: str) -> None:

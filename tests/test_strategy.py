@@ -96,3 +96,14 @@ def test_a_bad_update_is_rejected_and_the_round_goes_on(tiny_cfg: Config, tmp_pa
         assert (r["clients"], r["clients_failed"], r["updates_rejected"]) == (2, 1, 1)
     accuracies = [r["accuracy"] for r in results["rounds"]]
     assert accuracies[-1] > accuracies[0] and np.isfinite(accuracies).all()
+
+
+def test_a_round_with_too_few_updates_fails_and_the_run_goes_on(
+    tiny_cfg: Config, tmp_path: Path
+) -> None:
+    cfg = tiny_cfg.replace(min_replies=3)  # the saboteur leaves only 2 usable updates
+    grid = InProcessGrid(saboteur_app(cfg), cfg.num_clients, cfg.to_dict())
+    build_server_app(cfg, tmp_path)(grid, grid.server_context())
+    rounds = json.loads((tmp_path / "results.json").read_text())["rounds"]
+    assert [r["clients"] for r in rounds] == [0, 0, 0]
+    assert rounds[2]["accuracy"] == rounds[0]["accuracy"]  # the model never changed

@@ -55,6 +55,7 @@ def run_server(
         make_inner_strategy(cfg), clients_per_round=cfg.clients_per_round,
         fraction_evaluate=cfg.fraction_evaluate, seed=cfg.seed,
         codec_up=parse_codec(cfg.codec), codec_down=parse_codec(cfg.codec_down),
+        min_replies=cfg.min_replies,
     )
     metered = MeteredGrid(grid)
     recorder = RunRecorder(

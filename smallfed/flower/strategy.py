@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -100,9 +100,10 @@ class SmallfedStrategy(Strategy):
     def __init__(
         self, inner: Strategy, *, clients_per_round: int, fraction_evaluate: float, seed: int,
         codec_up: Chain | None = None, codec_down: Chain | None = None,
-        wait_for_nodes_s: float = 600.0,
+        min_replies: int = 1, wait_for_nodes_s: float = 600.0,
     ) -> None:
         self.inner = inner
+        self.min_replies = min_replies
         self.codec_up = codec_up or chain()
         self.codec_down = codec_down or chain()
         self.clients_per_round = clients_per_round
@@ -192,11 +193,12 @@ class SmallfedStrategy(Strategy):
                     reply.metadata.src_node_id, problem)
                 continue
             good.append(reply)
-        self.last_round.aggregated = len(good)
-        if not good:
-            log(WARNING, "Round %d: no usable update; the global model stays as it was",
-                server_round)
+        if len(good) < self.min_replies:
+            log(ERROR, "Round %d failed: %d usable updates of %d sampled, min-replies is %d; "
+                "the global model stays as it was", server_round, len(good),
+                self.last_round.sampled, self.min_replies)
             return None, None
+        self.last_round.aggregated = len(good)
         good.sort(key=lambda m: self.partition_of.get(m.metadata.src_node_id, 0))
         return self.inner.aggregate_train(server_round, good)
 
