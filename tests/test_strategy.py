@@ -53,7 +53,8 @@ def reply(arrays: dict[str, np.ndarray], num_examples: float = 10) -> RecordDict
         (reply({"w": np.zeros((3, 2), np.float32)}), "expected float32[2, 3]"),
         (reply({"w": np.zeros((2, 3), np.float64)}), "expected float32"),
         (reply({"v": np.zeros((2, 3), np.float32)}), "array keys differ"),
-        (reply({"w": np.zeros((2, 3), np.float32)}, num_examples=0), "must be a positive number"),
+        (reply({"w": np.zeros((2, 3), np.float32)}, num_examples=0), "must be a positive finite"),
+        (reply({"w": np.zeros((2, 3), np.float32)}, num_examples=float("inf")), "positive finite"),
         (RecordDict({"metrics": MetricRecord({"num-examples": 3})}), "expected one ArrayRecord"),
     ],
 )

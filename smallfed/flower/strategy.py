@@ -22,6 +22,7 @@ shape of Flower's DP wrappers, and adds what a reproducible, robust run needs:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -237,8 +238,8 @@ class SmallfedStrategy(Strategy):
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 return f"{key}: holds NaN or infinite values"
         weight = metrics.get(NUM_EXAMPLES_KEY)
-        if isinstance(weight, list) or weight is None or not weight > 0:
-            return f"'{NUM_EXAMPLES_KEY}' must be a positive number, got {weight!r}"
+        if not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            return f"'{NUM_EXAMPLES_KEY}' must be a positive finite number, got {weight!r}"
         return None
 
     def configure_evaluate(
