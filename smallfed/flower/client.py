@@ -44,6 +44,18 @@ def partition_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", -1))
 
 
+def fresh_model(config: Config) -> torch.nn.Module:
+    """The configured model, initialised from the run's seed."""
+    dataset = federated_data(config).dataset
+    return build_model(config.model, dataset.input_shape, dataset.num_classes, config.seed)
+
+
+@lru_cache(maxsize=8)
+def model_template(config: Config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the model's tensors, the layout every payload must match."""
+    return {k: tuple(v.shape) for k, v in fresh_model(config).state_dict().items()}
+
+
 def build_client_app(cfg: Config | None = None) -> ClientApp:
     """The ClientApp. With ``cfg`` None it reads the configuration from Flower's run_config."""
     app = ClientApp()
@@ -51,17 +63,9 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
     def config_of(context: Context) -> Config:
         return cfg if cfg is not None else Config.from_mapping(context.run_config)
 
-    def fresh_model(config: Config) -> torch.nn.Module:
-        dataset = federated_data(config).dataset
-        return build_model(config.model, dataset.input_shape, dataset.num_classes, config.seed)
-
-    @lru_cache(maxsize=8)
-    def template_of(config: Config) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(v.shape) for k, v in fresh_model(config).state_dict().items()}
-
     def chains(context: Context) -> tuple[Chain, Chain, dict[str, tuple[int, ...]], int]:
         config = config_of(context)
-        return (parse_codec(config.codec), parse_codec(config.codec_down), template_of(config),
+        return (parse_codec(config.codec), parse_codec(config.codec_down), model_template(config),
                 config.seed)
 
     @app.train(mods=[make_codec_mod(chains)])

@@ -137,7 +137,8 @@ class SmallfedStrategy(Strategy):
             queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY)
                        for n in unknown]
             unassigned = []
-            for reply in grid.send_and_receive(queries, timeout=60.0):
+            # As long as a round may wait: on Ray the first replies wait for actors to start.
+            for reply in grid.send_and_receive(queries, timeout=self.wait_for_nodes_s):
                 node = reply.metadata.src_node_id
                 pid = -1 if reply.has_error() else int(
                     reply.content[METRICS_KEY].get("partition-id", -1))
