@@ -124,6 +124,31 @@ class Config:
         "none", "Downlink codec for the global model the server broadcasts, e.g. 'fp16'."
     )
 
+    # --- privacy --------------------------------------------------------------
+    privacy: str = _key(
+        "none",
+        "none, or sample: sample-level DP on every client (Opacus DP-SGD, accountant kept "
+        "across rounds).",
+        choices=("none", "sample"),
+    )
+    dp_noise: float = _key(1.0, "DP-SGD noise multiplier (noise std / clip norm).", ge=0)
+    dp_clip: float = _key(1.0, "DP-SGD per-sample gradient clip norm.", gt=0)
+    dp_delta: float = _key(1e-5, "The delta of the (epsilon, delta) guarantee.", gt=0, lt=1)
+    dp_target_epsilon: float = _key(
+        0.0,
+        "If > 0, each client computes the noise that spends this epsilon over its planned "
+        "rounds (rounds x clients-per-round / num-clients) and local epochs.",
+        ge=0,
+    )
+    dp_budget: float = _key(
+        0.0,
+        "A client declines to train once the round would take its epsilon past this "
+        "(0: the target epsilon, or no budget).",
+        ge=0,
+    )
+    dp_accountant: str = _key(
+        "prv", "Opacus accountant: prv (tightest), rdp or gdp.", choices=("prv", "rdp", "gdp"))
+
     # --- running ------------------------------------------------------------
     backend: str = _key(
         "inprocess",

@@ -23,6 +23,7 @@ from smallfed.data import check_data_config
 from smallfed.flower.client import build_client_app
 from smallfed.flower.inprocess import InProcessGrid
 from smallfed.flower.server import build_server_app
+from smallfed.privacy import check_privacy_config
 from smallfed.report.results import RoundRecord
 
 
@@ -65,7 +66,7 @@ def quiet_flower(enabled: bool) -> Iterator[None]:
 
 def simulate(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Check the configuration and data, run the simulation, return results.json's content."""
-    check_data_config(cfg)
+    check_privacy_config(cfg, check_data_config(cfg))
     out = Path(out_dir)
     bar = RoundProgress(cfg, enabled=progress)
     server_app = build_server_app(cfg, out, on_round=bar.on_round)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from smallfed.codec import Chain, parse_codec
@@ -28,6 +28,7 @@ from smallfed.flower.records import (
     model_to_record,
 )
 from smallfed.models import build_model
+from smallfed.privacy.local_dp import train_private
 from smallfed.training import CLIENT_THREADS, client_generator, evaluate, torch_threads, train
 
 
@@ -74,8 +75,11 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         model = load_record(fresh_model(config), msg.content[ARRAYS_KEY])
         x, y = client_data(config, context)
         server_round = int(msg.content["config"]["server-round"])
+        pid = partition_id(context)
+        if config.privacy == "sample":
+            return train_with_dp(msg, context, config, model, x, y, server_round)
         mu = float(msg.content["config"].get("proximal-mu", 0.0))
-        gen = client_generator(config.seed, server_round, partition_id(context))
+        gen = client_generator(config.seed, server_round, pid)
         with torch_threads(CLIENT_THREADS):
             result = train(model, x, y, config, gen, proximal_mu=mu)
         metrics = MetricRecord({"train-loss": result.loss, NUM_EXAMPLES_KEY: result.num_examples})
@@ -100,3 +104,33 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
     return app
+
+
+DP_HISTORY_KEY = "smallfed-dp-history"
+
+
+def train_with_dp(
+    msg: Message, context: Context, config: Config, model: torch.nn.Module,
+    x: torch.Tensor, y: torch.Tensor, server_round: int,
+) -> Message:
+    """A DP-SGD round whose accountant history persists in the node's Context.state."""
+    saved = context.state.get(DP_HISTORY_KEY)
+    history = [] if saved is None else list(zip(
+        saved["noise"], saved["rate"], [int(s) for s in saved["steps"]]))
+    seed = int(np.random.SeedSequence([config.seed, server_round, partition_id(context) + 1, 7])
+               .generate_state(1)[0])
+    with torch_threads(CLIENT_THREADS):
+        outcome = train_private(model, x, y, config, seed, history)
+    noise, rate, steps = zip(*outcome.history) if outcome.history else ((), (), ())
+    context.state[DP_HISTORY_KEY] = ConfigRecord(
+        {"noise": list(noise), "rate": list(rate), "steps": list(steps)})
+    if outcome.result is None:
+        metrics = MetricRecord({NUM_EXAMPLES_KEY: 0, "declined": 1, "epsilon": outcome.epsilon})
+        status = ConfigRecord({"reason": outcome.declined_reason})
+        return Message(RecordDict({METRICS_KEY: metrics, "status": status}), reply_to=msg)
+    metrics = MetricRecord({
+        "train-loss": outcome.result.loss, NUM_EXAMPLES_KEY: outcome.result.num_examples,
+        "epsilon": outcome.epsilon, "noise-multiplier": outcome.noise_multiplier,
+    })
+    content = RecordDict({ARRAYS_KEY: model_to_record(model), METRICS_KEY: metrics})
+    return Message(content=content, reply_to=msg)

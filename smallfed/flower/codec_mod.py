@@ -44,7 +44,7 @@ def make_codec_mod(
             msg.content[ARRAYS_KEY] = arrays_record(down.decode(record_payload(received), template))
         start = record_arrays(msg.content[ARRAYS_KEY])
         reply = call_next(msg, context)
-        if reply.has_error() or up.is_identity:
+        if reply.has_error() or up.is_identity or ARRAYS_KEY not in reply.content:
             return reply
         trained = record_arrays(reply.content[ARRAYS_KEY])
         delta = {name: trained[name] - start[name] for name in template}

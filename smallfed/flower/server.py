@@ -61,6 +61,7 @@ def run_server(
     recorder = RunRecorder(
         config=cfg.to_dict(), model_params=report.params, model_fp32_bytes=report.fp32_bytes,
         dense_bytes_per_update=record_bytes(initial),
+        delta=cfg.dp_delta if cfg.privacy != "none" else None,
     )
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -68,10 +69,12 @@ def run_server(
         loss, accuracy = evaluate(model, dataset.test_x, dataset.test_y)
         traffic = metered.take()
         stats = strategy.last_round if server_round > 0 else RoundStats()
+        spent = strategy.epsilon() or ((0.0, 0.0) if cfg.privacy != "none" else (None, None))
         record = recorder.add(
             round=server_round, accuracy=accuracy, loss=loss, bytes_up=traffic.bytes_up,
             bytes_down=traffic.bytes_down, clients=stats.aggregated,
             clients_failed=stats.failed, updates_rejected=stats.rejected,
+            clients_declined=stats.declined, epsilon=spent[0], epsilon_mean=spent[1],
             sampled=stats.sampled,
         )
         if on_round is not None:

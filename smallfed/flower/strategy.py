@@ -82,6 +82,7 @@ class RoundStats:
     aggregated: int = 0
     failed: int = 0
     rejected: int = 0
+    declined: int = 0
 
 
 class _VisibleNodes(ForwardingGrid):
@@ -115,6 +116,7 @@ class SmallfedStrategy(Strategy):
         self.last_round = RoundStats()
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
         self._global: dict[str, np.ndarray] = {}
+        self.epsilons: dict[int, float] = {}  # partition id -> the epsilon it last reported
 
     # --- sampling ---------------------------------------------------------
     def discover(self, grid: Grid) -> dict[int, int]:
@@ -188,6 +190,8 @@ class SmallfedStrategy(Strategy):
                 log(WARNING, "Round %d: node %d failed: %s", server_round,
                     reply.metadata.src_node_id, reply.error.reason.splitlines()[0])
                 continue
+            if self.note_privacy(server_round, reply):
+                continue
             problem = self.decode_reply(reply.content) or self.check_reply(reply.content)
             if problem:
                 self.last_round.rejected += 1
@@ -203,6 +207,29 @@ class SmallfedStrategy(Strategy):
         self.last_round.aggregated = len(good)
         good.sort(key=lambda m: self.partition_of.get(m.metadata.src_node_id, 0))
         return self.inner.aggregate_train(server_round, good)
+
+    def note_privacy(self, server_round: int, reply: Message) -> bool:
+        """Record a client's reported epsilon; True if it declined to train (budget spent)."""
+        metrics = reply.content.metric_records.get(METRICS_KEY)
+        if metrics is None:
+            return False
+        node = reply.metadata.src_node_id
+        if isinstance(metrics.get("epsilon"), (int, float)):
+            self.epsilons[self.partition_of.get(node, node)] = float(metrics["epsilon"])
+        if not metrics.get("declined"):
+            return False
+        self.last_round.declined += 1
+        status = reply.content.config_records.get("status", {})
+        log(INFO, "Round %d: node %d declined: %s", server_round, node,
+            status.get("reason", "no reason given"))
+        return True
+
+    def epsilon(self) -> tuple[float, float] | None:
+        """(largest, mean) epsilon over every client that has reported one, or None."""
+        if not self.epsilons:
+            return None
+        values = list(self.epsilons.values())
+        return max(values), sum(values) / len(values)
 
     def decode_reply(self, content: RecordDict) -> str | None:
         """Replace an encoded update by the client's model (global + delta); or say why not."""

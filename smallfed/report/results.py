@@ -8,12 +8,16 @@ Schema version 1 (README "Results"):
   ``round``, ``accuracy``, ``loss`` (centralized, on the held-out test set),
   ``bytes_up``, ``bytes_down`` (serialized array bytes of the messages sent that
   round), ``clients`` (train replies aggregated), ``clients_failed``,
-  ``updates_rejected`` and ``wall_time_s`` (seconds the round took).
+  ``updates_rejected``, ``clients_declined`` (clients whose privacy budget was spent),
+  ``epsilon`` and ``epsilon_mean`` (the largest and mean epsilon, at the run's delta,
+  over every client that has trained so far; null without DP) and ``wall_time_s``
+  (seconds the round took).
 * ``summary``: ``final_accuracy``, ``best_accuracy``, ``total_bytes_up``,
   ``total_bytes_down``, ``dense_bytes_up`` (what the aggregated updates would have
   cost as dense fp32 arrays), ``dense_bytes_down`` (the same for the models sent to
   the sampled clients), ``compression_ratio_up`` (dense_bytes_up / total_bytes_up),
-  ``compression_ratio_down``, ``model_params``, ``model_fp32_bytes``, ``wall_time_s``.
+  ``compression_ratio_down``, ``epsilon`` and ``delta`` (the run's privacy guarantee;
+  null without DP), ``model_params``, ``model_fp32_bytes``, ``wall_time_s``.
 
 Later features add fields; they never change the meaning of one.
 """
@@ -30,7 +34,7 @@ from typing import Any
 SCHEMA_VERSION = 1
 ROUND_FIELDS = (
     "round", "accuracy", "loss", "bytes_up", "bytes_down", "clients", "clients_failed",
-    "updates_rejected", "wall_time_s",
+    "updates_rejected", "clients_declined", "epsilon", "epsilon_mean", "wall_time_s",
 )
 
 
@@ -44,6 +48,9 @@ class RoundRecord:
     clients: int
     clients_failed: int
     updates_rejected: int
+    clients_declined: int
+    epsilon: float | None
+    epsilon_mean: float | None
     wall_time_s: float
 
 
@@ -55,6 +62,7 @@ class RunRecorder:
     model_params: int
     model_fp32_bytes: int
     dense_bytes_per_update: int
+    delta: float | None = None
     rounds: list[RoundRecord] = field(default_factory=list)
     models_sent: int = 0
     started: float = field(default_factory=time.perf_counter)
@@ -85,6 +93,8 @@ class RunRecorder:
             "dense_bytes_down": dense_down,
             "compression_ratio_up": round(dense_up / up, 3) if up else None,
             "compression_ratio_down": round(dense_down / down, 3) if down else None,
+            "epsilon": final.epsilon if final else None,
+            "delta": self.delta,
             "model_params": self.model_params,
             "model_fp32_bytes": self.model_fp32_bytes,
             "wall_time_s": round(time.perf_counter() - self.started, 3),

@@ -22,16 +22,22 @@ def _ratio(value: float | None) -> str:
 
 def rounds_table(results: dict[str, Any]) -> Table:
     table = Table(title="smallfed: rounds", show_lines=False)
-    for name in ("round", "accuracy", "loss", "clients", "bytes up", "bytes down", "time (s)"):
+    private = results["summary"].get("delta") is not None
+    names = ["round", "accuracy", "loss", "clients", "bytes up", "bytes down", "time (s)"]
+    for name in names + (["epsilon"] if private else []):
         table.add_column(name, justify="right")
     for r in results["rounds"]:
         clients = str(r["clients"])
-        if r["clients_failed"] or r["updates_rejected"]:
-            clients += f" ({r['clients_failed']} failed, {r['updates_rejected']} rejected)"
-        table.add_row(
+        notes = [f"{r[key]} {word}" for key, word in (
+            ("clients_failed", "failed"), ("updates_rejected", "rejected"),
+            ("clients_declined", "declined")) if r[key]]
+        if notes:
+            clients += f" ({', '.join(notes)})"
+        cells = [
             str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", clients,
             human_bytes(r["bytes_up"]), human_bytes(r["bytes_down"]), f"{r['wall_time_s']:.2f}",
-        )
+        ]
+        table.add_row(*cells, *([f"{r['epsilon']:.3f}"] if private else []))
     s = results["summary"]
     table.caption = (
         f"final accuracy {s['final_accuracy']:.4f} | up {human_bytes(s['total_bytes_up'])}, "
@@ -39,6 +45,8 @@ def rounds_table(results: dict[str, Any]) -> Table:
         f"{human_bytes(s['total_bytes_down'])}, {_ratio(s['compression_ratio_down'])} fewer | "
         f"{s['model_params']:,} parameters | {s['wall_time_s']:.1f} s"
     )
+    if private:
+        table.caption += f" | epsilon {s['epsilon']:.3f} at delta {s['delta']:g}"
     return table
 
 

@@ -1,0 +1,138 @@
+"""Sample-level DP on each client: Opacus DP-SGD with an accountant kept across rounds.
+
+Opacus's ``PrivacyEngine`` wraps the client's model, optimizer and data loader
+(Poisson sampling, per-sample clipping to ``dp-clip``, Gaussian noise of
+``dp-noise * dp-clip``). A client trains in many rounds, so its privacy loss adds
+up: a new engine each round reports one round's epsilon, a known mistake in public
+examples. Here the accountant's history (noise, sample rate, steps per round) is
+stored in the node's ``Context.state`` and restored into every new engine, so the
+reported epsilon is the client's total. Before training, the client works out the
+epsilon it would reach after this round and declines if that passes its budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from smallfed.config import Config, ConfigError
+from smallfed.training import TrainResult, make_optimizer
+
+History = list[tuple[float, float, int]]
+
+
+@dataclass(frozen=True)
+class PrivateRound:
+    """What a client's private training round did to its privacy budget."""
+
+    result: TrainResult | None  # None when the client declined
+    history: History
+    epsilon: float
+    noise_multiplier: float
+    declined_reason: str = ""
+
+
+def check_private_model(model: nn.Module) -> None:
+    """Fail early on layers Opacus cannot train privately (BatchNorm, for one)."""
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        names = "; ".join(sorted({str(e) for e in errors}))
+        raise ConfigError(
+            f"model: cannot train under DP ({names}). Use GroupNorm instead of BatchNorm "
+            "(cnn-tiny does), or Opacus's ModuleValidator.fix on your own model"
+        )
+
+
+def sample_rate(cfg: Config, num_examples: int) -> float:
+    """Poisson sampling rate, as Opacus sets it: 1 / the number of batches of an epoch."""
+    return 1 / max(1, math.ceil(num_examples / cfg.batch_size))
+
+
+def steps_per_round(cfg: Config, num_examples: int) -> int:
+    return cfg.local_epochs * max(1, math.ceil(num_examples / cfg.batch_size))
+
+
+def planned_rounds(cfg: Config) -> int:
+    """Rounds a client expects to train: rounds x its chance to be sampled, at least 1."""
+    return max(1, math.ceil(cfg.num_server_rounds * cfg.clients_per_round / cfg.num_clients))
+
+
+@lru_cache(maxsize=1024)
+def noise_for(cfg: Config, num_examples: int) -> float:
+    """The noise multiplier: ``dp-noise``, or the one that spends ``dp-target-epsilon``
+    over the planned rounds and local epochs of a client with ``num_examples`` records.
+
+    Cached: the search calls the accountant a dozen times, about a second with PRV.
+    """
+    if cfg.dp_target_epsilon <= 0:
+        return cfg.dp_noise
+    return get_noise_multiplier(
+        target_epsilon=cfg.dp_target_epsilon, target_delta=cfg.dp_delta,
+        sample_rate=sample_rate(cfg, num_examples),
+        steps=planned_rounds(cfg) * steps_per_round(cfg, num_examples),
+        accountant=cfg.dp_accountant,
+    )
+
+
+def budget(cfg: Config) -> float:
+    """Epsilon a client may reach: ``dp-budget``, else the target; inf when neither is set."""
+    return cfg.dp_budget or cfg.dp_target_epsilon or math.inf
+
+
+def epsilon_of(cfg: Config, history: History) -> float:
+    """Total epsilon at ``dp-delta`` of the rounds in ``history`` (composed by the accountant)."""
+    if not history:
+        return 0.0
+    merged: dict[tuple[float, float], int] = {}
+    for noise, rate, steps in history:  # same mechanism twice = one run of the summed steps
+        merged[(noise, rate)] = merged.get((noise, rate), 0) + steps
+    accountant = create_accountant(mechanism=cfg.dp_accountant)
+    accountant.history = [(noise, rate, steps) for (noise, rate), steps in merged.items()]
+    return float(accountant.get_epsilon(delta=cfg.dp_delta))
+
+
+def train_private(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, seed: int,
+    history: History,
+) -> PrivateRound:
+    """One round of DP-SGD, or a refusal if it would pass the budget."""
+    n = len(y)
+    noise = noise_for(cfg, n)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # Poisson sampling and noise draw from torch's generator
+        engine = PrivacyEngine(accountant=cfg.dp_accountant)
+        loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size)
+        module, optimizer, private_loader = engine.make_private(
+            module=model, optimizer=make_optimizer(model, cfg), data_loader=loader,
+            noise_multiplier=noise, max_grad_norm=cfg.dp_clip, poisson_sampling=True,
+        )
+        # What this round releases: one noisy step per batch the private loader draws.
+        step = (noise, private_loader.sample_rate, len(private_loader) * cfg.local_epochs)
+        new_history = [*history, step]
+        after = epsilon_of(cfg, new_history)
+        if after > budget(cfg):
+            before = epsilon_of(cfg, history)
+            reason = (f"training this round would raise epsilon from {before:.3f} to "
+                      f"{after:.3f}, past the budget of {budget(cfg):.3f}")
+            return PrivateRound(None, history, before, noise, reason)
+        module.train()
+        total, steps = 0.0, 0
+        for _ in range(cfg.local_epochs):
+            for xb, yb in private_loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(module(xb), yb)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) if len(yb) else 0.0
+                steps += 1
+    return PrivateRound(TrainResult(total / max(steps, 1), n, steps), new_history, after, noise)

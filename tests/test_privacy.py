@@ -1,0 +1,108 @@
+"""Sample-level DP: the accountant adds up across rounds, budgets stop clients, runs learn."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from torch import nn
+
+from smallfed.config import Config, ConfigError
+from smallfed.data import check_data_config, federated_data
+from smallfed.models import build_model
+from smallfed.privacy import check_privacy_config
+from smallfed.privacy.local_dp import epsilon_of, noise_for, train_private
+from smallfed.simulation import simulate
+
+FAST = dict(privacy="sample", dp_accountant="rdp", num_clients=4, clients_per_round=4,
+            partitioner="iid", batch_size=30, local_epochs=1, lr=0.1, seed=5)
+
+
+def rounds_of_dp(cfg: Config, rounds: int) -> list:
+    x, y = federated_data(cfg).client(0)
+    history, outcomes = [], []
+    for r in range(rounds):
+        model = build_model(cfg.model, (1, 8, 8), 10, cfg.seed)
+        outcome = train_private(model, x, y, cfg, seed=r, history=history)
+        history = outcome.history
+        outcomes.append(outcome)
+    return outcomes
+
+
+def test_epsilon_adds_up_across_rounds_and_matches_one_accountant() -> None:
+    cfg = Config(**FAST, dp_noise=1.0)
+    outcomes = rounds_of_dp(cfg, 3)
+    epsilons = [o.epsilon for o in outcomes]
+    assert epsilons == sorted(epsilons) and epsilons[0] > 0  # never decreases
+    # One accountant that saw all three rounds' steps reports the same total.
+    accountant = RDPAccountant()
+    noise, rate, steps = outcomes[0].history[0]
+    accountant.history = [(noise, rate, 3 * steps)]
+    assert epsilons[-1] == pytest.approx(accountant.get_epsilon(delta=cfg.dp_delta), rel=1e-9)
+    assert epsilons[-1] > epsilons[0] + 1.0  # the total, not a new engine's one round
+
+
+def test_target_epsilon_is_spent_over_the_planned_rounds_then_clients_decline() -> None:
+    cfg = Config(**{**FAST, "num_server_rounds": 3}, dp_target_epsilon=4.0)
+    outcomes = rounds_of_dp(cfg, 4)
+    assert [o.result is not None for o in outcomes] == [True, True, True, False]
+    assert outcomes[2].epsilon == pytest.approx(4.0, abs=0.05)  # search tolerance
+    assert "past the budget of 4.000" in outcomes[3].declined_reason
+    assert outcomes[3].epsilon == outcomes[2].epsilon  # declining spends nothing
+
+
+def test_epsilon_of_merges_repeated_rounds() -> None:
+    cfg = Config(**FAST)
+    assert epsilon_of(cfg, [(1.0, 0.1, 20), (1.0, 0.1, 20)]) == pytest.approx(
+        epsilon_of(cfg, [(1.0, 0.1, 40)]))
+    assert epsilon_of(cfg, []) == 0.0
+
+
+def test_prv_is_tighter_than_rdp() -> None:
+    """The issue's anchor: 20 steps at rate 0.1, noise 1.0: RDP 4.22, PLD 3.59 (delta 1e-5)."""
+    rdp = epsilon_of(Config(dp_accountant="rdp"), [(1.0, 0.1, 20)])
+    prv = epsilon_of(Config(dp_accountant="prv"), [(1.0, 0.1, 20)])
+    assert rdp == pytest.approx(4.22, abs=0.01)
+    assert prv == pytest.approx(3.59, abs=0.05)
+
+
+def batchnorm_model(input_shape: tuple, num_classes: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, num_classes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"model": "tests.test_privacy:batchnorm_model"}, "model: cannot train under DP"),
+        ({"dp_noise": 0.0}, "dp-noise: 0 adds no noise"),
+    ],
+)
+def test_impossible_private_settings_fail_before_the_run(changes: dict, message: str) -> None:
+    cfg = Config(**{**FAST, **changes})
+    with pytest.raises(ConfigError, match=message):
+        check_privacy_config(cfg, check_data_config(cfg))
+
+
+def test_bad_privacy_keys() -> None:
+    for values, message in [({"dp-delta": 1.0}, "dp-delta"), ({"dp-clip": 0}, "dp-clip"),
+                            ({"dp-noise": -1}, "dp-noise"), ({"privacy": "user"}, "privacy")]:
+        with pytest.raises(ConfigError, match=message):
+            Config.from_mapping(values)
+
+
+def test_a_short_private_simulation_learns_and_reports_epsilon(tmp_path: Path) -> None:
+    cfg = Config(**{**FAST, "num_server_rounds": 3}, dp_noise=0.7, dp_clip=1.0)
+    results = simulate(cfg, tmp_path, progress=False)
+    rounds = results["rounds"]
+    epsilons = [r["epsilon"] for r in rounds]
+    assert epsilons[0] == 0.0 and epsilons == sorted(epsilons) and epsilons[-1] > 0
+    assert all(r["epsilon_mean"] <= r["epsilon"] for r in rounds)
+    assert results["summary"]["epsilon"] == epsilons[-1]
+    assert results["summary"]["delta"] == 1e-5
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
+    assert math.isfinite(rounds[-1]["loss"])
+    assert torch.get_num_threads() >= 1
