@@ -13,7 +13,9 @@ from smallfed.report.results import ROUND_FIELDS, SCHEMA_VERSION
 from smallfed.simulation import simulate
 
 SUMMARY_FIELDS = {"final_accuracy", "best_accuracy", "total_bytes_up", "total_bytes_down",
-                  "dense_bytes_up", "model_params", "model_fp32_bytes", "wall_time_s"}
+                  "dense_bytes_up", "dense_bytes_down", "compression_ratio_up",
+                  "compression_ratio_down", "epsilon", "delta", "model_params",
+                  "model_fp32_bytes", "wall_time_s"}
 
 
 def without_times(results: dict) -> list[dict]:
@@ -34,6 +36,8 @@ def test_results_follow_the_schema(inprocess_run: dict) -> None:
     assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
     assert all(set(r) == set(ROUND_FIELDS) for r in results["rounds"])
     assert set(results["summary"]) == SUMMARY_FIELDS
+    assert results["summary"]["epsilon"] is None  # no DP, no claim
+    assert all(r["epsilon"] is None and r["clients_declined"] == 0 for r in results["rounds"])
 
 
 def test_accuracy_rises_above_the_initial_model(inprocess_run: dict) -> None:
@@ -51,6 +55,7 @@ def test_bytes_are_what_the_messages_carried(inprocess_run: dict) -> None:
         assert r["bytes_up"] == 4 * per_model  # a dense fp32 model back from each
     summary = inprocess_run["summary"]
     assert summary["dense_bytes_up"] == summary["total_bytes_up"] == 8 * per_model
+    assert summary["compression_ratio_up"] == summary["compression_ratio_down"] == 1.0
     assert summary["model_params"] == sum(p.numel() for p in model.parameters())
 
 
