@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from opacus.accountants import RDPAccountant
 from torch import nn
 
@@ -14,7 +13,7 @@ from smallfed.config import Config, ConfigError
 from smallfed.data import check_data_config, federated_data
 from smallfed.models import build_model
 from smallfed.privacy import check_privacy_config
-from smallfed.privacy.local_dp import epsilon_of, noise_for, train_private
+from smallfed.privacy.local_dp import epsilon_of, train_private
 from smallfed.simulation import simulate
 
 FAST = dict(privacy="sample", dp_accountant="rdp", num_clients=4, clients_per_round=4,
@@ -105,4 +104,3 @@ def test_a_short_private_simulation_learns_and_reports_epsilon(tmp_path: Path) -
     assert results["summary"]["delta"] == 1e-5
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
     assert math.isfinite(rounds[-1]["loss"])
-    assert torch.get_num_threads() >= 1

@@ -23,6 +23,7 @@ from smallfed.flower.grids import MeteredGrid
 from smallfed.flower.records import load_record, model_to_record, record_bytes
 from smallfed.flower.strategy import RoundStats, SmallfedStrategy, make_inner_strategy
 from smallfed.models import build_model, model_report
+from smallfed.privacy import check_privacy_config
 from smallfed.report.results import RoundRecord, RunRecorder
 from smallfed.training import evaluate
 
@@ -47,7 +48,9 @@ def run_server(
     """Run the federation to the end and write its results; return the results folder."""
     cfg = cfg if cfg is not None else Config.from_mapping(context.run_config)
     out = Path(out_dir or cfg.out_dir or default_out_dir(context))
-    dataset = federated_data(cfg).dataset
+    data = federated_data(cfg)
+    check_privacy_config(cfg, data)  # also when started by `flwr run`, not only the CLI
+    dataset = data.dataset
     model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed)
     initial = model_to_record(model)
     report = model_report(model)
