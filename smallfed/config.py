@@ -127,9 +127,10 @@ class Config:
     # --- privacy --------------------------------------------------------------
     privacy: str = _key(
         "none",
-        "none, or sample: sample-level DP on every client (Opacus DP-SGD, accountant kept "
-        "across rounds).",
-        choices=("none", "sample"),
+        "none; sample: sample-level DP on every client (Opacus DP-SGD, accountant kept "
+        "across rounds); user: user-level DP-FedAvg (Poisson client sampling, the server "
+        "clips each update to dp-clip and adds noise dp-noise * dp-clip to the sum).",
+        choices=("none", "sample", "user"),
     )
     dp_noise: float = _key(1.0, "DP-SGD noise multiplier (noise std / clip norm).", ge=0)
     dp_clip: float = _key(1.0, "DP-SGD per-sample gradient clip norm.", gt=0)
@@ -174,6 +175,11 @@ class Config:
             raise ConfigError(
                 f"min-replies: {self.min_replies} is more than clients-per-round "
                 f"({self.clients_per_round}); no round could succeed"
+            )
+        if self.privacy == "user" and self.strategy != "fedavg":
+            raise ConfigError(
+                f"strategy: DP-FedAvg (privacy = 'user') averages with FedAvg's server step; "
+                f"{self.strategy!r} is not supported with it, use fedavg"
             )
         if self.dataset == "mnist" and not self.data_dir:
             raise ConfigError(

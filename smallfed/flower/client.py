@@ -76,7 +76,7 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         x, y = client_data(config, context)
         server_round = int(msg.content["config"]["server-round"])
         pid = partition_id(context)
-        if config.privacy == "sample":
+        if config.privacy == "sample":  # user-level DP is the server's work
             return train_with_dp(msg, context, config, model, x, y, server_round)
         mu = float(msg.content["config"].get("proximal-mu", 0.0))
         gen = client_generator(config.seed, server_round, pid)

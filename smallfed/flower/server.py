@@ -24,6 +24,7 @@ from smallfed.flower.records import load_record, model_to_record, record_bytes
 from smallfed.flower.strategy import RoundStats, SmallfedStrategy, make_inner_strategy
 from smallfed.models import build_model, model_report
 from smallfed.privacy import check_privacy_config
+from smallfed.privacy.user_dp import UserLevelDP
 from smallfed.report.results import RoundRecord, RunRecorder
 from smallfed.training import evaluate
 
@@ -59,6 +60,7 @@ def run_server(
         fraction_evaluate=cfg.fraction_evaluate, seed=cfg.seed,
         codec_up=parse_codec(cfg.codec), codec_down=parse_codec(cfg.codec_down),
         min_replies=cfg.min_replies,
+        user_dp=UserLevelDP(cfg) if cfg.privacy == "user" else None,
     )
     metered = MeteredGrid(grid)
     recorder = RunRecorder(

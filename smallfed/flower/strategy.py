@@ -37,6 +37,7 @@ from flwr.supercore import log
 from smallfed.codec import Chain, PayloadError, chain, encoding_seed
 from smallfed.config import Config
 from smallfed.flower.grids import ForwardingGrid
+from smallfed.privacy.user_dp import UserLevelDP
 from smallfed.flower.records import (
     ARRAYS_KEY,
     METRICS_KEY,
@@ -102,9 +103,11 @@ class SmallfedStrategy(Strategy):
     def __init__(
         self, inner: Strategy, *, clients_per_round: int, fraction_evaluate: float, seed: int,
         codec_up: Chain | None = None, codec_down: Chain | None = None,
-        min_replies: int = 1, wait_for_nodes_s: float = 600.0,
+        min_replies: int = 1, user_dp: UserLevelDP | None = None,
+        wait_for_nodes_s: float = 600.0,
     ) -> None:
         self.inner = inner
+        self.user_dp = user_dp
         self.min_replies = min_replies
         self.codec_up = codec_up or chain()
         self.codec_down = codec_down or chain()
@@ -158,6 +161,10 @@ class SmallfedStrategy(Strategy):
         available = self.discover(grid)
         by_partition = sorted(available, key=available.__getitem__)
         rng = np.random.default_rng([self.seed, server_round, purpose])
+        if self.user_dp is not None and purpose == 0:
+            # Poisson sampling: each client independently, the sampling the accountant assumes.
+            picked = rng.random(len(by_partition)) < self.user_dp.sample_rate
+            return [node for node, keep in zip(by_partition, picked) if keep]
         chosen = rng.choice(len(by_partition), size=min(count, len(by_partition)), replace=False)
         return [by_partition[i] for i in sorted(chosen)]
 
@@ -166,11 +173,21 @@ class SmallfedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        if self.user_dp is not None:
+            allowed, after = self.user_dp.start_round()
+            if not allowed:
+                log(WARNING, "Round %d skipped: it would take epsilon to %.3f, past the budget "
+                    "of %.3f; no more training", server_round, after, self.user_dp.budget)
+                self.last_round = RoundStats()
+                self._global = {}
+                return []
         nodes = self.sample(grid, server_round, self.clients_per_round, purpose=0)
         self.last_round = RoundStats(sampled=len(nodes))
         messages = list(self.inner.configure_train(
             server_round, arrays, config, _VisibleNodes(grid, nodes)))
-        if not (self.codec_up.is_identity and self.codec_down.is_identity):
+        if self.user_dp is not None or not (
+            self.codec_up.is_identity and self.codec_down.is_identity
+        ):
             self._global = record_arrays(arrays)
         if not self.codec_down.is_identity:
             seed = encoding_seed(self.seed, server_round, -1, downlink=True)
@@ -199,6 +216,8 @@ class SmallfedStrategy(Strategy):
                     reply.metadata.src_node_id, problem)
                 continue
             good.append(reply)
+        if self.user_dp is not None:
+            return self.aggregate_user_dp(server_round, good)
         if len(good) < self.min_replies:
             log(ERROR, "Round %d failed: %d usable updates of %d sampled, min-replies is %d; "
                 "the global model stays as it was", server_round, len(good),
@@ -207,6 +226,22 @@ class SmallfedStrategy(Strategy):
         self.last_round.aggregated = len(good)
         good.sort(key=lambda m: self.partition_of.get(m.metadata.src_node_id, 0))
         return self.inner.aggregate_train(server_round, good)
+
+    def aggregate_user_dp(
+        self, server_round: int, good: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """DP-FedAvg's step: global + noisy average of clipped deltas (noise even with none)."""
+        if not self._global:  # the round was skipped: the budget is spent
+            return None, None
+        self.last_round.aggregated = len(good)
+        deltas = []
+        for reply in good:
+            model = record_arrays(reply.content[ARRAYS_KEY])
+            deltas.append({k: model[k] - self._global[k] for k in self._global})
+        rng = np.random.default_rng([self.seed, server_round, 3])
+        average = self.user_dp.mechanism(deltas, self._global, rng)
+        new = {k: (self._global[k] + average[k]).astype(self._global[k].dtype) for k in average}
+        return arrays_record(new), MetricRecord({"clients": len(good)})
 
     def note_privacy(self, server_round: int, reply: Message) -> bool:
         """Record a client's reported epsilon; True if it declined to train (budget spent)."""
@@ -225,7 +260,12 @@ class SmallfedStrategy(Strategy):
         return True
 
     def epsilon(self) -> tuple[float, float] | None:
-        """(largest, mean) epsilon over every client that has reported one, or None."""
+        """(largest, mean) epsilon over every client that has reported one, or None.
+
+        Under user-level DP every client has the same guarantee: the server's accountant's.
+        """
+        if self.user_dp is not None:
+            return self.user_dp.epsilon, self.user_dp.epsilon
         if not self.epsilons:
             return None
         values = list(self.epsilons.values())

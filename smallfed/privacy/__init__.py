@@ -1,4 +1,4 @@
-"""Differential privacy: sample-level DP-SGD on clients (Opacus), with exact accounting."""
+"""Differential privacy: sample-level DP-SGD on clients (Opacus) and user-level DP-FedAvg."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from smallfed.config import Config, ConfigError
 from smallfed.data import FederatedData
 from smallfed.models import build_model
 from smallfed.privacy.local_dp import check_private_model, noise_for
+from smallfed.privacy.user_dp import user_noise
 
 # Opacus warns on every engine that its secure RNG is off; smallfed's default is the
 # fast generator (seeded, reproducible), which the README states. Say it once.
@@ -19,6 +20,16 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 def check_privacy_config(cfg: Config, data: FederatedData) -> None:
     """Fail before the run on DP settings that cannot work, saying what to change."""
     if cfg.privacy == "none":
+        return
+    if cfg.privacy == "user":
+        if cfg.dp_target_epsilon <= 0 and cfg.dp_noise == 0:
+            raise ConfigError("dp-noise: 0 adds no noise and gives no privacy; set dp-noise > 0 "
+                              "or dp-target-epsilon")
+        try:
+            user_noise(cfg)
+        except ValueError as err:
+            raise ConfigError(f"dp-target-epsilon: {cfg.dp_target_epsilon} cannot be reached "
+                              f"in {cfg.num_server_rounds} rounds ({err})") from err
         return
     dataset = data.dataset
     check_private_model(build_model(cfg.model, dataset.input_shape, dataset.num_classes, 0))

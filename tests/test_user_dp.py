@@ -1,0 +1,96 @@
+"""User-level DP-FedAvg: noise calibration, clipping after decoding, accounting, budget stop."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting import pld, rdp
+
+from smallfed.codec import parse_codec
+from smallfed.config import Config, ConfigError
+from smallfed.privacy.local_dp import epsilon_of
+from smallfed.privacy.user_dp import GaussianAverage, UserLevelDP, clip, l2_norm
+from smallfed.simulation import simulate
+
+TEMPLATE = {"w": np.zeros((200, 500), np.float32), "b": np.zeros(1000, np.float32)}
+
+
+def test_noise_has_the_calibrated_standard_deviation() -> None:
+    """z*C/m on each coordinate of the average; 101,000 draws, so the estimate is within 1%."""
+    mechanism = GaussianAverage(clip=2.0, noise_multiplier=1.3, expected_clients=10)
+    out = mechanism([], TEMPLATE, np.random.default_rng(0))
+    values = np.concatenate([v.reshape(-1) for v in out.values()])
+    assert mechanism.noise_std == pytest.approx(1.3 * 2.0 / 10)
+    assert values.std() == pytest.approx(mechanism.noise_std, rel=0.01)
+    assert abs(values.mean()) < 4 * mechanism.noise_std / math.sqrt(values.size)
+
+
+def test_clipping_bounds_every_update() -> None:
+    rng = np.random.default_rng(1)
+    big = {k: rng.normal(0, 1, v.shape).astype(np.float32) for k, v in TEMPLATE.items()}
+    small = {k: v * 1e-4 for k, v in big.items()}
+    assert l2_norm(clip(big, 3.0)) == pytest.approx(3.0, rel=1e-5)
+    assert all(np.array_equal(clip(small, 3.0)[k], small[k]) for k in small)
+
+
+def test_sensitivity_holds_for_what_the_server_aggregates_after_a_codec() -> None:
+    """A clipped update, 1-bit quantised, decodes longer than the clip; the server re-clips."""
+    rng = np.random.default_rng(2)
+    update = clip({k: rng.normal(0, 1, v.shape).astype(np.float32) for k, v in TEMPLATE.items()},
+                  1.0)
+    codec = parse_codec("quantize:1")
+    decoded = codec.decode(codec.encode(update, seed=0)[0], {k: v.shape for k, v in TEMPLATE.items()})
+    assert l2_norm(decoded) > 1.5  # the codec grew the norm: a client-side clip is not enough
+    mechanism = GaussianAverage(clip=1.0, noise_multiplier=0.0, expected_clients=4)
+    average = mechanism([decoded], TEMPLATE, np.random.default_rng(0))
+    assert l2_norm(average) <= 1.0 / 4 + 1e-6  # one client moves the average by <= C/m
+
+
+@pytest.mark.parametrize(("noise", "rate", "rounds"), [(1.0, 0.1, 20), (0.8, 0.01, 300),
+                                                       (2.0, 0.05, 100)])
+def test_epsilon_agrees_with_dp_accounting(noise: float, rate: float, rounds: int) -> None:
+    """Our epsilon (Opacus RDP and PRV) against Google's dp-accounting (RDP and PLD)."""
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(noise)), rounds)
+    history = [(noise, rate, 1)] * rounds
+    theirs_rdp = rdp.RdpAccountant()
+    theirs_rdp.compose(event)
+    theirs_pld = pld.PLDAccountant()
+    theirs_pld.compose(event)
+    ours_rdp = epsilon_of(Config(dp_accountant="rdp"), history)
+    ours_prv = epsilon_of(Config(dp_accountant="prv"), history)
+    assert ours_rdp == pytest.approx(theirs_rdp.get_epsilon(1e-5), rel=0.02)
+    assert ours_prv == pytest.approx(theirs_pld.get_epsilon(1e-5), rel=0.05)
+
+
+def test_budget_stops_at_the_right_round() -> None:
+    cfg = Config(privacy="user", num_clients=100, clients_per_round=5, dp_noise=1.0,
+                 dp_budget=2.0, dp_accountant="rdp", num_server_rounds=50)
+    expected = next(r for r in range(1, 200)
+                    if epsilon_of(cfg, [(1.0, 0.05, 1)] * (r + 1)) > 2.0)
+    server = UserLevelDP(cfg)
+    allowed = [server.start_round()[0] for _ in range(expected + 3)]
+    assert allowed == [True] * expected + [False] * 3
+    epsilons = [epsilon_of(cfg, server.history[:r]) for r in range(1, expected + 1)]
+    assert epsilons == sorted(epsilons) and epsilons[-1] <= 2.0
+
+
+def test_user_dp_needs_fedavg() -> None:
+    with pytest.raises(ConfigError, match="strategy: DP-FedAvg"):
+        Config(privacy="user", strategy="fedadam")
+
+
+def test_a_user_level_private_simulation_learns_and_stops_at_its_budget(tmp_path: Path) -> None:
+    cfg = Config(privacy="user", num_clients=40, clients_per_round=20, partitioner="iid",
+                 dp_noise=0.3, dp_clip=1.0, dp_budget=40.0, num_server_rounds=5, local_epochs=2,
+                 seed=4, codec="topk:0.2,quantize:4,error_feedback")
+    rounds = simulate(cfg, tmp_path, progress=False)["rounds"]
+    trained = [r for r in rounds[1:] if r["clients"] > 0]
+    assert 2 <= len(trained) < 5  # the budget ends training before the last round
+    assert rounds[len(trained)]["accuracy"] > rounds[0]["accuracy"] + 0.2
+    assert all(r["epsilon"] <= 40.0 for r in rounds)
+    assert [r["epsilon"] for r in rounds] == sorted(r["epsilon"] for r in rounds)
