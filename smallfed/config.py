@@ -147,6 +147,17 @@ class Config:
         "(0: the target epsilon, or no budget).",
         ge=0,
     )
+    dp_clip_mode: str = _key(
+        "fixed",
+        "privacy = user: fixed clip, or adaptive (Andrew et al. 2021: the clip follows the "
+        "dp-clip-quantile of update norms, estimated with noise; dp-clip is its start).",
+        choices=("fixed", "adaptive"),
+    )
+    dp_clip_quantile: float = _key(
+        0.5, "Adaptive clipping: the share of updates that should be left unclipped.", ge=0, le=1)
+    dp_clip_lr: float = _key(0.2, "Adaptive clipping: geometric learning rate of the clip.", gt=0)
+    dp_clip_count_stddev: float = _key(
+        0.0, "Adaptive clipping: noise on the unclipped count (0: expected clients / 20).", ge=0)
     dp_accountant: str = _key(
         "prv", "Opacus accountant: prv (tightest), rdp or gdp.", choices=("prv", "rdp", "gdp"))
 

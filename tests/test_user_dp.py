@@ -94,3 +94,29 @@ def test_a_user_level_private_simulation_learns_and_stops_at_its_budget(tmp_path
     assert rounds[len(trained)]["accuracy"] > rounds[0]["accuracy"] + 0.2
     assert all(r["epsilon"] <= 40.0 for r in rounds)
     assert [r["epsilon"] for r in rounds] == sorted(r["epsilon"] for r in rounds)
+
+
+def test_adaptive_clip_follows_the_target_quantile_of_norms() -> None:
+    """Norms spread evenly over 1..10: the clip settles near their median, 5.5."""
+    cfg = Config(privacy="user", num_clients=200, clients_per_round=100, dp_noise=0.5,
+                 dp_clip=0.5, dp_clip_mode="adaptive", dp_clip_quantile=0.5)
+    server = UserLevelDP(cfg)
+    assert server.update_noise > server.noise  # part of z pays for the noisy count
+    updates = [{"w": np.full(4, norm / 2, np.float32)} for norm in np.linspace(1, 10, 100)]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        server.adapt_clip(updates, rng)
+    assert server.clip_norm == pytest.approx(5.5, abs=0.8)
+    fixed = UserLevelDP(cfg.replace(dp_clip_mode="fixed"))
+    fixed.adapt_clip(updates, rng)
+    assert fixed.clip_norm == 0.5
+
+
+def test_adaptive_clip_needs_enough_count_noise() -> None:
+    from smallfed.data import check_data_config
+    from smallfed.privacy import check_privacy_config
+
+    cfg = Config(privacy="user", num_clients=40, clients_per_round=4, dp_noise=1.0,
+                 dp_clip_mode="adaptive", partitioner="iid")
+    with pytest.raises(ConfigError, match="dp-clip-count-stddev"):
+        check_privacy_config(cfg, check_data_config(cfg))

@@ -239,9 +239,14 @@ class SmallfedStrategy(Strategy):
             model = record_arrays(reply.content[ARRAYS_KEY])
             deltas.append({k: model[k] - self._global[k] for k in self._global})
         rng = np.random.default_rng([self.seed, server_round, 3])
+        clip_norm = self.user_dp.clip_norm
         average = self.user_dp.mechanism(deltas, self._global, rng)
+        self.user_dp.adapt_clip(deltas, rng)
+        log(INFO, "Round %d: DP-FedAvg over %d clients, clip %.4g (next %.4g), noise std %.4g",
+            server_round, len(good), clip_norm, self.user_dp.clip_norm,
+            self.user_dp.update_noise * clip_norm / self.user_dp.expected_clients)
         new = {k: (self._global[k] + average[k]).astype(self._global[k].dtype) for k in average}
-        return arrays_record(new), MetricRecord({"clients": len(good)})
+        return arrays_record(new), MetricRecord({"clients": len(good), "dp-clip": clip_norm})
 
     def note_privacy(self, server_round: int, reply: Message) -> bool:
         """Record a client's reported epsilon; True if it declined to train (budget spent)."""

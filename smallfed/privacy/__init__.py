@@ -26,10 +26,18 @@ def check_privacy_config(cfg: Config, data: FederatedData) -> None:
             raise ConfigError("dp-noise: 0 adds no noise and gives no privacy; set dp-noise > 0 "
                               "or dp-target-epsilon")
         try:
-            user_noise(cfg)
+            noise = user_noise(cfg)
         except ValueError as err:
             raise ConfigError(f"dp-target-epsilon: {cfg.dp_target_epsilon} cannot be reached "
                               f"in {cfg.num_server_rounds} rounds ({err})") from err
+        if cfg.dp_clip_mode == "adaptive":
+            from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+
+            try:
+                compute_adaptive_noise_params(noise, cfg.clients_per_round,
+                                              cfg.dp_clip_count_stddev or None)
+            except ValueError as err:
+                raise ConfigError(f"dp-clip-count-stddev: {err}") from err
         return
     dataset = data.dataset
     check_private_model(build_model(cfg.model, dataset.input_shape, dataset.num_classes, 0))

@@ -60,17 +60,45 @@ class GaussianAverage:
 
 
 class UserLevelDP:
-    """The server's side of DP-FedAvg: the mechanism, the sampling rate, the accountant."""
+    """The server's side of DP-FedAvg: the mechanism, the sampling rate, the accountant.
+
+    With adaptive clipping (Andrew et al. 2021) the clip C moves each round towards
+    the ``dp-clip-quantile`` of the update norms: C <- C * exp(-lr * (f - quantile)),
+    where f is the share of updates left unclipped, counted with Gaussian noise. The
+    count's noise and the update's noise together spend what noise z alone would:
+    Flower's ``compute_adaptive_noise_params`` splits z (the paper's Theorem 1), and
+    the accountant composes z.
+    """
 
     def __init__(self, cfg) -> None:  # type: ignore[no-untyped-def]
         from smallfed.privacy.local_dp import budget, epsilon_of
 
         self.cfg = cfg
         self.sample_rate = cfg.clients_per_round / cfg.num_clients
+        self.expected_clients = self.sample_rate * cfg.num_clients
         self.noise = user_noise(cfg)
-        self.mechanism = GaussianAverage(cfg.dp_clip, self.noise, self.sample_rate * cfg.num_clients)
+        self.clip_norm = cfg.dp_clip
+        self.count_stddev, self.update_noise = 0.0, self.noise
+        if cfg.dp_clip_mode == "adaptive":
+            from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+
+            self.count_stddev, self.update_noise = compute_adaptive_noise_params(
+                self.noise, self.expected_clients, cfg.dp_clip_count_stddev or None)
         self.history: list[tuple[float, float, int]] = []
         self._epsilon_of, self.budget = epsilon_of, budget(cfg)
+
+    @property
+    def mechanism(self) -> GaussianAverage:
+        """This round's noisy average, at the current clip."""
+        return GaussianAverage(self.clip_norm, self.update_noise, self.expected_clients)
+
+    def adapt_clip(self, updates: list[Update], rng: np.random.Generator) -> None:
+        """Move the clip towards the target quantile of the norms (adaptive mode only)."""
+        if self.cfg.dp_clip_mode != "adaptive":
+            return
+        unclipped = sum(l2_norm(u) <= self.clip_norm for u in updates)
+        share = (unclipped + rng.normal(0.0, self.count_stddev)) / self.expected_clients
+        self.clip_norm *= math.exp(-self.cfg.dp_clip_lr * (share - self.cfg.dp_clip_quantile))
 
     @property
     def epsilon(self) -> float:
