@@ -12,6 +12,7 @@ epsilon it would reach after this round and declines if that passes its budget.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,6 +28,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from smallfed.config import Config, ConfigError
 from smallfed.training import TrainResult, make_optimizer
+
+# Importing Opacus calls logging.basicConfig, which gives the root logger a handler;
+# Flower's logger has its own, so every Flower line would print twice.
+logging.getLogger("flwr").propagate = False
 
 History = list[tuple[float, float, int]]
 
