@@ -88,7 +88,8 @@ def test_impossible_private_settings_fail_before_the_run(changes: dict, message:
 
 def test_bad_privacy_keys() -> None:
     for values, message in [({"dp-delta": 1.0}, "dp-delta"), ({"dp-clip": 0}, "dp-clip"),
-                            ({"dp-noise": -1}, "dp-noise"), ({"privacy": "user"}, "privacy")]:
+                            ({"dp-noise": -1}, "dp-noise"), ({"privacy": "local"}, "privacy"),
+                            ({"dp-clip-quantile": 1.5}, "dp-clip-quantile")]:
         with pytest.raises(ConfigError, match=message):
             Config.from_mapping(values)
 
