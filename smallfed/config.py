@@ -158,6 +158,12 @@ class Config:
     dp_clip_lr: float = _key(0.2, "Adaptive clipping: geometric learning rate of the clip.", gt=0)
     dp_clip_count_stddev: float = _key(
         0.0, "Adaptive clipping: noise on the unclipped count (0: expected clients / 20).", ge=0)
+    dp_secure_rng: bool = _key(
+        False,
+        "privacy = sample: Opacus's secure mode (cryptographic noise and sampling; needs "
+        "the torchcsprng package). Off by default: seeded, reproducible, fast; turn it on "
+        "for production.",
+    )
     dp_accountant: str = _key(
         "prv", "Opacus accountant: prv (tightest), rdp or gdp.", choices=("prv", "rdp", "gdp"))
 

@@ -78,6 +78,7 @@ def batchnorm_model(input_shape: tuple, num_classes: int) -> nn.Module:
     [
         ({"model": "tests.test_privacy:batchnorm_model"}, "model: cannot train under DP"),
         ({"dp_noise": 0.0}, "dp-noise: 0 adds no noise"),
+        ({"dp_secure_rng": True}, "dp-secure-rng: Opacus's secure mode needs the torchcsprng"),
     ],
 )
 def test_impossible_private_settings_fail_before_the_run(changes: dict, message: str) -> None:

@@ -115,7 +115,7 @@ def train_private(
     noise = noise_for(cfg, n)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # Poisson sampling and noise draw from torch's generator
-        engine = PrivacyEngine(accountant=cfg.dp_accountant)
+        engine = PrivacyEngine(accountant=cfg.dp_accountant, secure_mode=cfg.dp_secure_rng)
         loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size)
         module, optimizer, private_loader = engine.make_private(
             module=model, optimizer=make_optimizer(model, cfg), data_loader=loader,
