@@ -8,6 +8,11 @@ examples. Here the accountant's history (noise, sample rate, steps per round) is
 stored in the node's ``Context.state`` and restored into every new engine, so the
 reported epsilon is the client's total. Before training, the client works out the
 epsilon it would reach after this round and declines if that passes its budget.
+
+With compression: the codec mod encodes the model delta after DP-SGD has finished,
+so top-k, quantisation and error feedback only post-process a DP output (and the
+residual kept for error feedback is made of DP outputs too). The noise always comes
+before any data-dependent sparsification, and the guarantee is unchanged.
 """
 
 from __future__ import annotations
