@@ -164,6 +164,12 @@ class Config:
         "the torchcsprng package). Off by default: seeded, reproducible, fast; turn it on "
         "for production.",
     )
+    dp_reproducible: bool = _key(
+        False,
+        "Draw the DP noise and DP sampling from the run's seed, so private runs repeat "
+        "exactly: for research only, since anyone who knows the seed can remove the noise. "
+        "Off: fresh OS entropy every run.",
+    )
     dp_accountant: str = _key(
         "prv", "Opacus accountant: prv (tightest), rdp or gdp.", choices=("prv", "rdp", "gdp"))
 
@@ -188,6 +194,8 @@ class Config:
                 f"clients-per-round: {self.clients_per_round} is more than num-clients "
                 f"({self.num_clients}); use at most {self.num_clients}"
             )
+        if self.seed < 0:
+            raise ConfigError(f"seed: {self.seed} is not allowed; it must be >= 0")
         if self.min_replies > self.clients_per_round:
             raise ConfigError(
                 f"min-replies: {self.min_replies} is more than clients-per-round "
@@ -208,6 +216,12 @@ class Config:
                 parse_codec(text)
             except CodecError as err:
                 raise ConfigError(f"{key}: {err}") from err
+        down = parse_codec(self.codec_down)
+        if down.error_feedback or any(s.role == "sparsify" or s.name == "sign" for s in down.stages):
+            raise ConfigError(
+                f"codec-down: {self.codec_down!r} would sparsify or sign the model itself (the "
+                "broadcast is the whole model, not a delta); use fp16, bf16, quantize or zlib"
+            )
         if self.dataset not in ("digits", "mnist") and not (
             self.dataset.startswith("hf:") or ":" in self.dataset
         ):

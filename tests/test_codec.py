@@ -237,3 +237,10 @@ def test_bit_packing_and_varints_round_trip() -> None:
     assert np.array_equal(decode_varints(encode_varints(numbers), len(numbers)), numbers)
     with pytest.raises(ValueError, match="expected 8 varints"):
         decode_varints(encode_varints(numbers), 8)
+
+
+def test_empty_tensors_pass_through_every_chain() -> None:
+    update = {"empty": np.zeros((0, 4), np.float32), "w": np.ones(10, np.float32)}
+    for spec in ("topk:0.5", "randk:0.5", "quantize:4", "sign", "topk:3:global,fp16"):
+        _, decoded = roundtrip(spec, update)
+        assert decoded["empty"].shape == (0, 4)

@@ -30,6 +30,8 @@ from smallfed.data import check_data_config
         ({"min-replies": 11}, "min-replies: 11 is more than clients-per-round"),
         ({"codec": "quantize:4,topk:0.1"}, "codec: quantize:4 comes before topk:0.1"),
         ({"codec-down": "zip"}, "codec-down: codec stage 'zip' is not known"),
+        ({"codec-down": "topk:0.1"}, "codec-down: 'topk:0.1' would sparsify or sign the model"),
+        ({"seed": -1}, "seed: -1 is not allowed"),
     ],
 )
 def test_impossible_values_are_rejected(values: dict, message: str) -> None:

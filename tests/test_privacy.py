@@ -16,7 +16,8 @@ from smallfed.privacy import check_privacy_config
 from smallfed.privacy.local_dp import epsilon_of, train_private
 from smallfed.simulation import simulate
 
-FAST = dict(privacy="sample", dp_accountant="rdp", num_clients=4, clients_per_round=4,
+FAST = dict(privacy="sample", dp_accountant="rdp", dp_reproducible=True, num_clients=4,
+            clients_per_round=4,
             partitioner="iid", batch_size=30, local_epochs=1, lr=0.1, seed=5)
 
 

@@ -108,3 +108,46 @@ def test_a_round_with_too_few_updates_fails_and_the_run_goes_on(
     rounds = json.loads((tmp_path / "results.json").read_text())["rounds"]
     assert [r["clients"] for r in rounds] == [0, 0, 0]
     assert rounds[2]["accuracy"] == rounds[0]["accuracy"]  # the model never changed
+
+
+def test_odd_replies_never_stop_a_round() -> None:
+    """Error replies without a reason, arrays of the wrong record type, extra or list
+    metrics: each is dropped or trimmed, and FedAvg still aggregates the rest."""
+    from flwr.app import ConfigRecord, Error
+
+    cfg = Config(num_clients=4, clients_per_round=4)
+    grid = InProcessGrid(build_client_app(cfg), 4, cfg.to_dict())  # sets the task identity
+    strategy = make_strategy(cfg.replace(codec="topk:0.5"))
+    strategy.codec_up = __import__("smallfed.codec", fromlist=["parse_codec"]).parse_codec("fp16")
+    strategy._expected = {"w": ((2, 3), "float32")}
+    strategy._global = {"w": np.zeros((2, 3), np.float32)}
+    node = next(iter(grid.get_node_ids()))
+
+    def answer(content=None, error=None):  # type: ignore[no-untyped-def]
+        ask = Message(RecordDict(), dst_node_id=node, message_type="train")
+        return Message(error, reply_to=ask) if error else Message(content, reply_to=ask)
+
+    from smallfed.codec import parse_codec
+    payload = parse_codec("fp16").encode({"w": np.ones((2, 3), np.float32)}, seed=0)[0]
+    from smallfed.flower.records import payload_record
+
+    def good(extra: dict) -> Message:
+        return answer(RecordDict({"arrays": payload_record(payload),
+                                  "metrics": MetricRecord({"num-examples": 5, **extra})}))
+
+    replies = [
+        answer(error=Error(code=0, reason="")),
+        answer(RecordDict({"arrays": MetricRecord({"x": 1.0}),
+                           "metrics": MetricRecord({"num-examples": 5})})),
+        answer(RecordDict({"arrays": payload_record(payload),
+                           "metrics": MetricRecord({"num-examples": [1.0, 2.0]})})),
+        good({"loss": 0.5}),
+        good({"loss": 0.7, "extra": [1.0, 2.0, 3.0]}),
+        answer(RecordDict({"status": ConfigRecord({"x": "y"})})),
+    ]
+    strategy.last_round = strategy.last_round.__class__(sampled=6)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and np.allclose(arrays["w"].numpy(), 1.0, atol=1e-3)
+    assert set(metrics) == {"loss"}
+    assert (strategy.last_round.failed, strategy.last_round.rejected,
+            strategy.last_round.aggregated) == (1, 3, 2)

@@ -87,7 +87,7 @@ def test_user_dp_needs_fedavg() -> None:
 def test_a_user_level_private_simulation_learns_and_stops_at_its_budget(tmp_path: Path) -> None:
     cfg = Config(privacy="user", num_clients=40, clients_per_round=20, partitioner="iid",
                  dp_noise=0.3, dp_clip=1.0, dp_budget=40.0, num_server_rounds=5, local_epochs=2,
-                 seed=4, codec="topk:0.2,quantize:4,error_feedback")
+                 seed=4, codec="topk:0.2,quantize:4,error_feedback", dp_reproducible=True)
     rounds = simulate(cfg, tmp_path, progress=False)["rounds"]
     trained = [r for r in rounds[1:] if r["clients"] > 0]
     assert 2 <= len(trained) < 5  # the budget ends training before the last round

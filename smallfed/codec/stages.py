@@ -98,7 +98,8 @@ def check_layout(codes: list[TensorCode], kind: str, bits: int, block: int = 0) 
 
 
 def _keep(k: int, size: int) -> int:
-    return max(1, min(size, k))
+    """At least one value (of a non-empty tensor), at most all of them."""
+    return min(size, max(1, k))
 
 
 class TopK(Stage):

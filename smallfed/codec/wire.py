@@ -82,7 +82,7 @@ def unpack(payload: bytes, shapes: Sequence[tuple[int, ...]]) -> tuple[str, int,
     seed = struct.unpack("<Q", reader.take(8))[0]
     body = reader.rest()
     if flags & FLAG_ZLIB:
-        body = _inflate(body, limit=sum(8 * math.prod(s) + 64 for s in shapes) + 64)
+        body = _inflate(body, limit=sum(16 * math.prod(s) + 256 for s in shapes) + 256)
     reader = _Reader(body)
     count = reader.varint(limit=2**20)
     if count != len(shapes):

@@ -8,6 +8,7 @@ In simulation a client's data is partition ``partition-id`` of the configured da
 
 from __future__ import annotations
 
+import secrets
 from functools import lru_cache
 from pathlib import Path
 
@@ -117,8 +118,9 @@ def train_with_dp(
     saved = context.state.get(DP_HISTORY_KEY)
     history = [] if saved is None else list(zip(
         saved["noise"], saved["rate"], [int(s) for s in saved["steps"]]))
-    seed = int(np.random.SeedSequence([config.seed, server_round, partition_id(context) + 1, 7])
-               .generate_state(1)[0])
+    # The noise must be secret: OS entropy, unless the run asks to be reproducible.
+    seed = secrets.randbits(63) if not config.dp_reproducible else int(np.random.SeedSequence(
+        [config.seed, server_round, partition_id(context) + 1, 7]).generate_state(1)[0])
     with torch_threads(CLIENT_THREADS):
         outcome = train_private(model, x, y, config, seed, history)
     noise, rate, steps = zip(*outcome.history) if outcome.history else ((), (), ())

@@ -97,6 +97,32 @@ class _VisibleNodes(ForwardingGrid):
         return list(self._node_ids)
 
 
+def positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and 0 < value < math.inf
+
+
+def reported_partition(reply: Message) -> int:
+    """The partition id a query reply reports; -1 for none or nonsense."""
+    if reply.has_error():
+        return -1
+    value = reply.content.metric_records.get(METRICS_KEY, {}).get("partition-id", -1)
+    return int(value) if isinstance(value, (int, float)) and 0 <= value < 2**31 else -1
+
+
+def keep_common_metrics(replies: list[Message]) -> None:
+    """Reduce each reply's metrics to the finite numbers every reply has.
+
+    Flower's FedAvg raises (and stops the run) when replies carry different metric
+    keys or lists of different lengths; one odd client must not do that.
+    """
+    records = [r.content[METRICS_KEY] for r in replies]
+    common = set.intersection(*(set(m) for m in records)) if records else set()
+    for reply, metrics in zip(replies, records):
+        reply.content[METRICS_KEY] = MetricRecord({
+            k: v for k, v in metrics.items()
+            if k in common and isinstance(v, (int, float)) and math.isfinite(v)})
+
+
 class SmallfedStrategy(Strategy):
     """Seeded partition sampling and per-reply checks around one of Flower's strategies."""
 
@@ -145,9 +171,8 @@ class SmallfedStrategy(Strategy):
             # As long as a round may wait: on Ray the first replies wait for actors to start.
             for reply in grid.send_and_receive(queries, timeout=self.wait_for_nodes_s):
                 node = reply.metadata.src_node_id
-                pid = -1 if reply.has_error() else int(
-                    reply.content[METRICS_KEY].get("partition-id", -1))
-                if pid >= 0:
+                pid = reported_partition(reply)
+                if pid >= 0 and pid not in self.partition_of.values():
                     self.partition_of[node] = pid
                 else:
                     unassigned.append(node)
@@ -163,7 +188,7 @@ class SmallfedStrategy(Strategy):
         rng = np.random.default_rng([self.seed, server_round, purpose])
         if self.user_dp is not None and purpose == 0:
             # Poisson sampling: each client independently, the sampling the accountant assumes.
-            picked = rng.random(len(by_partition)) < self.user_dp.sample_rate
+            picked = self.user_dp.rng(server_round).random(len(by_partition)) < self.user_dp.sample_rate
             return [node for node, keep in zip(by_partition, picked) if keep]
         chosen = rng.choice(len(by_partition), size=min(count, len(by_partition)), replace=False)
         return [by_partition[i] for i in sorted(chosen)]
@@ -204,8 +229,9 @@ class SmallfedStrategy(Strategy):
         for reply in replies:
             if reply.has_error():
                 self.last_round.failed += 1
+                reason = (reply.error.reason or "no reason given").strip().splitlines()
                 log(WARNING, "Round %d: node %d failed: %s", server_round,
-                    reply.metadata.src_node_id, reply.error.reason.splitlines()[0])
+                    reply.metadata.src_node_id, reason[0] if reason else "no reason given")
                 continue
             if self.note_privacy(server_round, reply):
                 continue
@@ -216,6 +242,8 @@ class SmallfedStrategy(Strategy):
                     reply.metadata.src_node_id, problem)
                 continue
             good.append(reply)
+        good.sort(key=lambda m: self.partition_of.get(m.metadata.src_node_id, 0))
+        keep_common_metrics(good)
         if self.user_dp is not None:
             return self.aggregate_user_dp(server_round, good)
         if len(good) < self.min_replies:
@@ -224,7 +252,6 @@ class SmallfedStrategy(Strategy):
                 self.last_round.sampled, self.min_replies)
             return None, None
         self.last_round.aggregated = len(good)
-        good.sort(key=lambda m: self.partition_of.get(m.metadata.src_node_id, 0))
         return self.inner.aggregate_train(server_round, good)
 
     def aggregate_user_dp(
@@ -238,7 +265,7 @@ class SmallfedStrategy(Strategy):
         for reply in good:
             model = record_arrays(reply.content[ARRAYS_KEY])
             deltas.append({k: model[k] - self._global[k] for k in self._global})
-        rng = np.random.default_rng([self.seed, server_round, 3])
+        rng = self.user_dp.rng(server_round)
         clip_norm = self.user_dp.clip_norm
         average = self.user_dp.mechanism(deltas, self._global, rng)
         self.user_dp.adapt_clip(deltas, rng)
@@ -284,10 +311,11 @@ class SmallfedStrategy(Strategy):
             payload = record_payload(content[ARRAYS_KEY])
             template = {k: shape for k, (shape, _) in self._expected.items()}
             delta = self.codec_up.decode(payload, template)
-        except (KeyError, TypeError, ValueError) as err:  # PayloadError is a ValueError
+        except (AttributeError, KeyError, TypeError, ValueError) as err:  # incl. PayloadError
             kind = "payload" if isinstance(err, PayloadError) else "reply"
             return f"bad {kind}: {err}"
-        content[ARRAYS_KEY] = arrays_record({k: self._global[k] + delta[k] for k in delta})
+        content[ARRAYS_KEY] = arrays_record(
+            {k: (self._global[k] + delta[k]).astype(self._global[k].dtype) for k in delta})
         return None
 
     def check_reply(self, content: RecordDict) -> str | None:
@@ -311,7 +339,7 @@ class SmallfedStrategy(Strategy):
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 return f"{key}: holds NaN or infinite values"
         weight = metrics.get(NUM_EXAMPLES_KEY)
-        if not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+        if not positive_number(weight):
             return f"'{NUM_EXAMPLES_KEY}' must be a positive finite number, got {weight!r}"
         return None
 
@@ -328,8 +356,9 @@ class SmallfedStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        good = [r for r in replies if not r.has_error()
-                and r.content.metric_records.get(METRICS_KEY, {}).get(NUM_EXAMPLES_KEY, 0) > 0]
+        good = [r for r in replies if not r.has_error() and positive_number(
+            r.content.metric_records.get(METRICS_KEY, {}).get(NUM_EXAMPLES_KEY))]
+        keep_common_metrics(good)
         return self.inner.aggregate_evaluate(server_round, good) if good else None
 
     def summary(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 from smallfed.config import Config, ConfigError
@@ -40,11 +41,9 @@ def check_privacy_config(cfg: Config, data: FederatedData) -> None:
                 raise ConfigError(f"dp-clip-count-stddev: {err}") from err
         return
     if cfg.dp_secure_rng:
-        try:
-            import torchcsprng  # noqa: F401
-        except ImportError as err:
+        if importlib.util.find_spec("torchcsprng") is None:
             raise ConfigError("dp-secure-rng: Opacus's secure mode needs the torchcsprng "
-                              "package; install it or set dp-secure-rng = false") from err
+                              "package; install it or set dp-secure-rng = false")
     dataset = data.dataset
     check_private_model(build_model(cfg.model, dataset.input_shape, dataset.num_classes, 0))
     if cfg.dp_target_epsilon <= 0 and cfg.dp_noise == 0:

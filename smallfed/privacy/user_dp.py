@@ -86,6 +86,17 @@ class UserLevelDP:
                 self.noise, self.expected_clients, cfg.dp_clip_count_stddev or None)
         self.history: list[tuple[float, float, int]] = []
         self._epsilon_of, self.budget = epsilon_of, budget(cfg)
+        self._secret_rng = np.random.default_rng()  # OS entropy: the noise must stay secret
+
+    def rng(self, server_round: int) -> np.random.Generator:
+        """The generator of this round's client sampling and noise.
+
+        Secret (OS entropy) unless ``dp-reproducible``: with a known seed the noise
+        could be regenerated and subtracted, and the sampled clients recomputed.
+        """
+        if self.cfg.dp_reproducible:
+            return np.random.default_rng([self.cfg.seed, server_round, 3])
+        return self._secret_rng
 
     @property
     def mechanism(self) -> GaussianAverage:
@@ -96,8 +107,10 @@ class UserLevelDP:
         """Move the clip towards the target quantile of the norms (adaptive mode only)."""
         if self.cfg.dp_clip_mode != "adaptive":
             return
-        unclipped = sum(l2_norm(u) <= self.clip_norm for u in updates)
-        share = (unclipped + rng.normal(0.0, self.count_stddev)) / self.expected_clients
+        # Each client adds b - 1/2 (b = 1 if left unclipped), so one client moves the
+        # count by at most 1/2: the sensitivity the noise split of Andrew et al. assumes.
+        centred = sum((l2_norm(u) <= self.clip_norm) - 0.5 for u in updates)
+        share = (centred + rng.normal(0.0, self.count_stddev)) / self.expected_clients + 0.5
         self.clip_norm *= math.exp(-self.cfg.dp_clip_lr * (share - self.cfg.dp_clip_quantile))
 
     @property
