@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -197,8 +198,13 @@ def chain(*stages: Stage | str) -> Chain:
 _ROLE = {"sparsify": "choose which values to send", "values": "code the values"}
 
 
+@lru_cache(maxsize=64)
 def parse_codec(text: str) -> Chain:
-    """A chain from its string form; '' or 'none' is the dense fp32 codec."""
+    """A chain from its string form; '' or 'none' is the dense fp32 codec.
+
+    Cached: clients and the server parse the run's codec string on every message, and a
+    Chain is immutable (its stages keep no state between calls).
+    """
     text = text.strip()
     if text in ("", "none"):
         return chain()

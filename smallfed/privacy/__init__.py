@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import warnings
 
+from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+
 from smallfed.config import Config, ConfigError
 from smallfed.data import FederatedData
 from smallfed.models import build_model
@@ -32,8 +34,6 @@ def check_privacy_config(cfg: Config, data: FederatedData) -> None:
             raise ConfigError(f"dp-target-epsilon: {cfg.dp_target_epsilon} cannot be reached "
                               f"in {cfg.num_server_rounds} rounds ({err})") from err
         if cfg.dp_clip_mode == "adaptive":
-            from flwr.supercore.differential_privacy import compute_adaptive_noise_params
-
             try:
                 compute_adaptive_noise_params(noise, cfg.clients_per_round,
                                               cfg.dp_clip_count_stddev or None)

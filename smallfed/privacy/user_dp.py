@@ -21,6 +21,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from flwr.supercore.differential_privacy import compute_adaptive_noise_params
+from opacus.accountants.utils import get_noise_multiplier
+
+from smallfed.config import Config
+from smallfed.privacy.local_dp import budget, epsilon_of
 
 Update = dict[str, np.ndarray]
 
@@ -70,22 +75,19 @@ class UserLevelDP:
     the accountant composes z.
     """
 
-    def __init__(self, cfg) -> None:  # type: ignore[no-untyped-def]
-        from smallfed.privacy.local_dp import budget, epsilon_of
-
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.sample_rate = cfg.clients_per_round / cfg.num_clients
-        self.expected_clients = self.sample_rate * cfg.num_clients
+        self.expected_clients = float(cfg.clients_per_round)  # q * N
         self.noise = user_noise(cfg)
         self.clip_norm = cfg.dp_clip
         self.count_stddev, self.update_noise = 0.0, self.noise
         if cfg.dp_clip_mode == "adaptive":
-            from flwr.supercore.differential_privacy import compute_adaptive_noise_params
-
             self.count_stddev, self.update_noise = compute_adaptive_noise_params(
                 self.noise, self.expected_clients, cfg.dp_clip_count_stddev or None)
         self.history: list[tuple[float, float, int]] = []
-        self._epsilon_of, self.budget = epsilon_of, budget(cfg)
+        self.epsilon = 0.0  # of the rounds in history; the accountant is slow, so kept
+        self.budget = budget(cfg)
         self._secret_rng = np.random.default_rng()  # OS entropy: the noise must stay secret
 
     def rng(self, server_round: int) -> np.random.Generator:
@@ -113,25 +115,20 @@ class UserLevelDP:
         share = (centred + rng.normal(0.0, self.count_stddev)) / self.expected_clients + 0.5
         self.clip_norm *= math.exp(-self.cfg.dp_clip_lr * (share - self.cfg.dp_clip_quantile))
 
-    @property
-    def epsilon(self) -> float:
-        return self._epsilon_of(self.cfg, self.history)
-
     def start_round(self) -> tuple[bool, float]:
         """Account for one more round if the budget allows: (allowed, epsilon after it)."""
-        after = self._epsilon_of(self.cfg, [*self.history, (self.noise, self.sample_rate, 1)])
+        after = epsilon_of(self.cfg, [*self.history, (self.noise, self.sample_rate, 1)])
         if after > self.budget:
             return False, after
         self.history.append((self.noise, self.sample_rate, 1))
+        self.epsilon = after
         return True, after
 
 
-def user_noise(cfg) -> float:  # type: ignore[no-untyped-def]
+def user_noise(cfg: Config) -> float:
     """``dp-noise``, or the noise that spends ``dp-target-epsilon`` in the planned rounds."""
     if cfg.dp_target_epsilon <= 0:
         return cfg.dp_noise
-    from opacus.accountants.utils import get_noise_multiplier
-
     return get_noise_multiplier(
         target_epsilon=cfg.dp_target_epsilon, target_delta=cfg.dp_delta,
         sample_rate=cfg.clients_per_round / cfg.num_clients, steps=cfg.num_server_rounds,
