@@ -138,8 +138,15 @@ class Config:
     dp_target_epsilon: float = _key(
         0.0,
         "If > 0, each client computes the noise that spends this epsilon over its planned "
-        "rounds (rounds x clients-per-round / num-clients) and local epochs.",
+        "rounds (see dp-plan-quantile) and local epochs.",
         ge=0,
+    )
+    dp_plan_quantile: float = _key(
+        0.5,
+        "Target-epsilon mode: a client plans its budget for this quantile of the rounds it "
+        "will be sampled in (Binomial(rounds, clients-per-round / num-clients)); higher "
+        "means more noise per round and fewer clients out of budget before the end.",
+        gt=0, lt=1,
     )
     dp_budget: float = _key(
         0.0,

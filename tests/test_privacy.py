@@ -13,7 +13,7 @@ from smallfed.config import Config, ConfigError
 from smallfed.data import check_data_config, federated_data
 from smallfed.models import build_model
 from smallfed.privacy import check_privacy_config
-from smallfed.privacy.local_dp import epsilon_of, train_private
+from smallfed.privacy.local_dp import epsilon_of, planned_rounds, train_private
 from smallfed.simulation import simulate
 
 FAST = dict(privacy="sample", dp_accountant="rdp", dp_reproducible=True, num_clients=4,
@@ -59,6 +59,21 @@ def test_epsilon_of_merges_repeated_rounds() -> None:
     assert epsilon_of(cfg, [(1.0, 0.1, 20), (1.0, 0.1, 20)]) == pytest.approx(
         epsilon_of(cfg, [(1.0, 0.1, 40)]))
     assert epsilon_of(cfg, []) == 0.0
+
+
+def test_cached_rdp_epsilon_equals_opacus_accountant() -> None:
+    history = [(1.1, 0.1, 45), (0.9, 0.05, 10), (1.1, 0.1, 45)]
+    accountant = RDPAccountant()
+    accountant.history = [(1.1, 0.1, 90), (0.9, 0.05, 10)]
+    assert epsilon_of(Config(dp_accountant="rdp"), history) == pytest.approx(
+        accountant.get_epsilon(delta=1e-5), rel=1e-12)
+
+
+def test_budget_is_planned_for_a_quantile_of_participations() -> None:
+    cfg = Config(num_server_rounds=30, num_clients=100, clients_per_round=10)
+    planned = [planned_rounds(cfg.replace(dp_plan_quantile=q)) for q in (0.5, 0.9, 0.99)]
+    assert planned == [3, 5, 7]  # Binomial(30, 0.1) quantiles
+    assert planned_rounds(cfg.replace(num_clients=10)) == 30  # every client, every round
 
 
 def test_prv_is_tighter_than_rdp() -> None:
