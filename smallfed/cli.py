@@ -31,9 +31,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from smallfed.simulation import simulate
 
     console = Console()
-    cfg = load_config(args.config, args.set)
-    out = Path(args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    results = simulate(cfg, out, progress=not args.no_progress)
+    if args.resume:
+        from smallfed.flower.checkpoint import load
+
+        if args.out and Path(args.out) != Path(args.resume):
+            raise ConfigError("--resume DIR writes into DIR; drop --out")
+        out = Path(args.resume)
+        saved = Config.from_mapping(load(out).config)
+        cfg = load_config(args.config, args.set) if args.config or args.set else saved
+    else:
+        cfg = load_config(args.config, args.set)
+        out = Path(args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    results = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume))
     print_rounds(results, console)
     plot_rounds(results, out / "accuracy.png")
     console.print(f"results: {out / 'results.json'}, {out / 'rounds.csv'}, {out / 'accuracy.png'}")
@@ -59,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a configuration key (repeatable)")
     sim.add_argument("--out", help="results folder (default runs/<date-time>)")
     sim.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sim.add_argument("--resume", metavar="DIR",
+                     help="go on from the checkpoint of an interrupted run in DIR")
     sim.set_defaults(func=cmd_simulate)
     keys = sub.add_parser("keys", help="list every configuration key")
     keys.set_defaults(func=cmd_keys)

@@ -124,6 +124,22 @@ class Config:
         "none", "Downlink codec for the global model the server broadcasts, e.g. 'fp16'."
     )
 
+    # --- compaction -----------------------------------------------------------
+    prune: str = _key(
+        "none",
+        "Federated magnitude pruning, decided by the server each round: none; unstructured "
+        "(global L1 over every Conv/Linear weight); structured (whole output channels by "
+        "L2 norm, layer by layer). Clients send only the unpruned coordinates.",
+        choices=("none", "unstructured", "structured"),
+    )
+    prune_sparsity: float = _key(
+        0.5, "Pruning: the share of Conv/Linear weights pruned at the end of the schedule.",
+        ge=0, lt=1)
+    prune_start_round: int = _key(1, "Pruning: the first round that trains a pruned model.", ge=1)
+    prune_end_round: int = _key(
+        0, "Pruning: the round that reaches prune-sparsity (Zhu and Gupta's cubic schedule); "
+        "0: half of num-server-rounds.", ge=0)
+
     # --- privacy --------------------------------------------------------------
     privacy: str = _key(
         "none",
@@ -203,6 +219,13 @@ class Config:
             )
         if self.seed < 0:
             raise ConfigError(f"seed: {self.seed} is not allowed; it must be >= 0")
+        if self.prune_end_round and not (
+            self.prune_start_round <= self.prune_end_round <= self.num_server_rounds
+        ):
+            raise ConfigError(
+                f"prune-end-round: {self.prune_end_round} must lie between prune-start-round "
+                f"({self.prune_start_round}) and num-server-rounds ({self.num_server_rounds})"
+            )
         if self.min_replies > self.clients_per_round:
             raise ConfigError(
                 f"min-replies: {self.min_replies} is more than clients-per-round "

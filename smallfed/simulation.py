@@ -20,9 +20,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from smallfed.config import Config
 from smallfed.data import check_data_config
+from smallfed.flower.checkpoint import check_resumable
+from smallfed.flower.checkpoint import load as load_checkpoint
 from smallfed.flower.client import build_client_app
 from smallfed.flower.inprocess import InProcessGrid
-from smallfed.flower.server import build_server_app
+from smallfed.flower.server import RoundHook, build_server_app
 from smallfed.privacy import check_privacy_config
 from smallfed.report.results import RoundRecord
 
@@ -64,12 +66,28 @@ def quiet_flower(enabled: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def simulate(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Check the configuration and data, run the simulation, return results.json's content."""
+def simulate(
+    cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = False,
+    on_round: RoundHook | None = None,
+) -> dict[str, Any]:
+    """Check the configuration and data, run the simulation, return results.json's content.
+
+    ``resume`` goes on from the checkpoint in ``out_dir`` (same configuration only).
+    """
     check_privacy_config(cfg, check_data_config(cfg))
     out = Path(out_dir)
+    checkpoint = load_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        check_resumable(cfg, checkpoint)
     bar = RoundProgress(cfg, enabled=progress)
-    server_app = build_server_app(cfg, out, on_round=bar.on_round)
+    if checkpoint is not None:
+        bar.progress.update(bar.rounds, completed=checkpoint.round)
+
+    def round_done(record: RoundRecord, total: int) -> None:
+        bar.on_round(record, total)
+        if on_round is not None:
+            on_round(record, total)
+
     client_app = build_client_app(cfg)
     with quiet_flower(progress), bar.progress:
         if cfg.backend == "inprocess":
@@ -77,8 +95,12 @@ def simulate(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict[st
                 client_app, cfg.num_clients, run_config=cfg.to_dict(),
                 on_reply=bar.on_reply,
             )
+            if checkpoint is not None:
+                grid.restore_node_states(checkpoint.clients)
+            server_app = build_server_app(cfg, out, round_done, checkpoint, grid.node_states)
             server_app(grid, grid.server_context())
         else:
+            server_app = build_server_app(cfg, out, round_done, checkpoint)
             run_on_ray(cfg, server_app, client_app)
         bar.progress.update(bar.clients, visible=False)
     results_file = out / "results.json"

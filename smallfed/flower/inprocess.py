@@ -66,6 +66,15 @@ class InProcessGrid(Grid):
             run_config=dict(self._run.override_config),
         )
 
+    def node_states(self) -> dict[int, RecordDict]:
+        """Each node's ``Context.state`` by partition id, for a checkpoint."""
+        return {int(c.node_config["partition-id"]): c.state for c in self._contexts.values()
+                if len(c.state)}
+
+    def restore_node_states(self, states: dict[int, RecordDict]) -> None:
+        for context in self._contexts.values():
+            context.state = states.get(int(context.node_config["partition-id"]), RecordDict())
+
     def set_run(self, run: Run) -> None:
         self._run = run
 

@@ -12,15 +12,23 @@ from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from smallfed.codec import parse_codec
 from smallfed.config import Config
 from smallfed.data import federated_data
+from smallfed.flower.checkpoint import (
+    Checkpoint,
+    check_resumable,
+    restore_strategy,
+    strategy_state,
+)
+from smallfed.flower.checkpoint import save as save_checkpoint
 from smallfed.flower.grids import MeteredGrid
-from smallfed.flower.records import load_record, model_to_record, record_bytes
+from smallfed.flower.records import load_record, model_to_record, record_arrays, record_bytes
 from smallfed.flower.strategy import RoundStats, SmallfedStrategy, make_inner_strategy
 from smallfed.models import build_model, model_report
 from smallfed.privacy import check_privacy_config
@@ -29,6 +37,7 @@ from smallfed.report.results import RoundRecord, RunRecorder
 from smallfed.training import evaluate
 
 RoundHook = Callable[[RoundRecord, int], None]
+NodeStates = Callable[[], dict[int, RecordDict]]  # partition id -> the node's Context.state
 
 # How long a round waits for replies: long enough for a slow device, finite so a
 # dead one cannot hold the run forever.
@@ -39,22 +48,33 @@ def default_out_dir(context: Context) -> Path:
     return Path("runs") / f"run-{context.run_id}"
 
 
-def run_server(
+def run_server(  # pylint: disable=too-many-arguments
     grid: Grid,
     context: Context,
     cfg: Config | None = None,
     out_dir: str | Path | None = None,
     on_round: RoundHook | None = None,
+    resume: Checkpoint | None = None,
+    node_states: NodeStates | None = None,
 ) -> Path:
-    """Run the federation to the end and write its results; return the results folder."""
+    """Run the federation to the end and write its results; return the results folder.
+
+    A checkpoint is written after every round (``node_states`` adds the clients' own
+    state where the engine can reach it); ``resume`` goes on from one.
+    """
     cfg = cfg if cfg is not None else Config.from_mapping(context.run_config)
     out = Path(out_dir or cfg.out_dir or default_out_dir(context))
     data = federated_data(cfg)
     check_privacy_config(cfg, data)  # also when started by `flwr run`, not only the CLI
+    if resume is not None:
+        check_resumable(cfg, resume)
     dataset = data.dataset
     model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed)
-    initial = model_to_record(model)
     report = model_report(model)
+    dense = record_bytes(model_to_record(model))
+    if resume is not None:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in resume.global_arrays.items()})
+    initial = model_to_record(model)
     strategy = SmallfedStrategy(
         make_inner_strategy(cfg), clients_per_round=cfg.clients_per_round,
         fraction_evaluate=cfg.fraction_evaluate, seed=cfg.seed,
@@ -65,13 +85,24 @@ def run_server(
     metered = MeteredGrid(grid)
     recorder = RunRecorder(
         config=cfg.to_dict(), model_params=report.params, model_fp32_bytes=report.fp32_bytes,
-        dense_bytes_per_update=record_bytes(initial),
+        dense_bytes_per_update=dense,
         delta=cfg.dp_delta if cfg.privacy != "none" else None,
     )
+    done = 0
+    if resume is not None:
+        done = strategy.round_offset = resume.round
+        restore_strategy(strategy.inner, resume.strategy)
+        strategy.restore(resume.server["strategy"])
+        recorder.restore(resume.server["recorder"])
+        log(INFO, "smallfed: resuming %s after round %d of %d", out, done, cfg.num_server_rounds)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        server_round += done
         load_record(model, arrays)
         loss, accuracy = evaluate(model, dataset.test_x, dataset.test_y)
+        if server_round == done and done > 0:  # the resumed model, recorded before the stop
+            metered.take()
+            return MetricRecord({"accuracy": accuracy, "loss": loss})
         traffic = metered.take()
         stats = strategy.last_round if server_round > 0 else RoundStats()
         spent = strategy.epsilon() or ((0.0, 0.0) if cfg.privacy != "none" else (None, None))
@@ -82,6 +113,12 @@ def run_server(
             clients_declined=stats.declined, epsilon=spent[0], epsilon_mean=spent[1],
             sampled=stats.sampled,
         )
+        save_checkpoint(out, Checkpoint(
+            round=server_round, config=cfg.to_dict(), global_arrays=record_arrays(arrays),
+            server={"strategy": strategy.state(), "recorder": recorder.state()},
+            strategy=strategy_state(strategy.inner),
+            clients=node_states() if node_states is not None else {},
+        ))
         if on_round is not None:
             on_round(record, cfg.num_server_rounds)
         log(INFO, "smallfed round %d: accuracy %.4f, loss %.4f, %d clients",
@@ -90,7 +127,7 @@ def run_server(
 
     started = time.perf_counter()
     strategy.start(
-        grid=metered, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
+        grid=metered, initial_arrays=initial, num_rounds=cfg.num_server_rounds - done,
         timeout=ROUND_TIMEOUT_S, train_config=ConfigRecord({"lr": cfg.lr}),
         evaluate_fn=evaluate_fn,
     )
@@ -101,13 +138,14 @@ def run_server(
 
 def build_server_app(
     cfg: Config | None = None, out_dir: str | Path | None = None,
-    on_round: RoundHook | None = None,
+    on_round: RoundHook | None = None, resume: Checkpoint | None = None,
+    node_states: NodeStates | None = None,
 ) -> ServerApp:
     """The ServerApp. With ``cfg`` None it reads the configuration from Flower's run_config."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, context, cfg, out_dir, on_round)
+        run_server(grid, context, cfg, out_dir, on_round, resume, node_states)
 
     return app

@@ -146,6 +146,9 @@ class SmallfedStrategy(Strategy):
         self._expected: dict[str, tuple[tuple[int, ...], str]] = {}
         self._global: dict[str, np.ndarray] = {}
         self.epsilons: dict[int, float] = {}  # partition id -> the epsilon it last reported
+        # Flower's loop counts rounds from 1; a resumed run continues the numbering, which
+        # seeds sampling, client training and codecs.
+        self.round_offset = 0
 
     # --- sampling ---------------------------------------------------------
     def discover(self, grid: Grid) -> dict[int, int]:
@@ -197,6 +200,7 @@ class SmallfedStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         if self.user_dp is not None:
             allowed, after = self.user_dp.start_round()
@@ -224,6 +228,7 @@ class SmallfedStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         good = []
         for reply in replies:
@@ -291,6 +296,18 @@ class SmallfedStrategy(Strategy):
             status.get("reason", "no reason given"))
         return True
 
+    def state(self) -> dict:
+        """What a checkpoint keeps of the wrapper (JSON); the inner strategy's is apart."""
+        state: dict = {"epsilons": {str(k): v for k, v in self.epsilons.items()}}
+        if self.user_dp is not None:
+            state["user_dp"] = self.user_dp.state()
+        return state
+
+    def restore(self, state: dict) -> None:
+        self.epsilons = {int(k): float(v) for k, v in state["epsilons"].items()}
+        if self.user_dp is not None:
+            self.user_dp.restore(state["user_dp"])
+
     def epsilon(self) -> tuple[float, float] | None:
         """(largest, mean) epsilon over every client that has reported one, or None.
 
@@ -301,7 +318,7 @@ class SmallfedStrategy(Strategy):
         if not self.epsilons:
             return None
         values = list(self.epsilons.values())
-        return max(values), sum(values) / len(values)
+        return max(values), math.fsum(values) / len(values)  # fsum: order-independent
 
     def decode_reply(self, content: RecordDict) -> str | None:
         """Replace an encoded update by the client's model (global + delta); or say why not."""
@@ -346,6 +363,7 @@ class SmallfedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         if self.fraction_evaluate <= 0:
             return []
         count = max(1, round(self.fraction_evaluate * len(list(grid.get_node_ids()))))
@@ -356,6 +374,7 @@ class SmallfedStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.round_offset
         good = [r for r in replies if not r.has_error() and positive_number(
             r.content.metric_records.get(METRICS_KEY, {}).get(NUM_EXAMPLES_KEY))]
         keep_common_metrics(good)

@@ -115,6 +115,15 @@ class UserLevelDP:
         share = (centred + rng.normal(0.0, self.count_stddev)) / self.expected_clients + 0.5
         self.clip_norm *= math.exp(-self.cfg.dp_clip_lr * (share - self.cfg.dp_clip_quantile))
 
+    def state(self) -> dict:
+        """The accountant's history and the clip, for a checkpoint (JSON)."""
+        return {"history": self.history, "clip_norm": self.clip_norm, "epsilon": self.epsilon}
+
+    def restore(self, state: dict) -> None:
+        self.history = [(float(z), float(q), int(n)) for z, q, n in state["history"]]
+        self.clip_norm = float(state["clip_norm"])
+        self.epsilon = float(state["epsilon"])
+
     def start_round(self) -> tuple[bool, float]:
         """Account for one more round if the budget allows: (allowed, epsilon after it)."""
         after = epsilon_of(self.cfg, [*self.history, (self.noise, self.sample_rate, 1)])

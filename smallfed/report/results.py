@@ -65,6 +65,7 @@ class RunRecorder:
     delta: float | None = None
     rounds: list[RoundRecord] = field(default_factory=list)
     models_sent: int = 0
+    elapsed_before: float = 0.0  # seconds spent before a resume
     started: float = field(default_factory=time.perf_counter)
     _last: float = field(default_factory=time.perf_counter)
 
@@ -76,6 +77,19 @@ class RunRecorder:
         self._last = now
         self.rounds.append(record)
         return record
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the recorder (JSON)."""
+        return {"rounds": [asdict(r) for r in self.rounds], "models_sent": self.models_sent,
+                "elapsed_s": self.elapsed()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.rounds = [RoundRecord(**row) for row in state["rounds"]]
+        self.models_sent = int(state["models_sent"])
+        self.elapsed_before = float(state["elapsed_s"])
 
     def results(self) -> dict[str, Any]:
         final = self.rounds[-1] if self.rounds else None
@@ -97,7 +111,7 @@ class RunRecorder:
             "delta": self.delta,
             "model_params": self.model_params,
             "model_fp32_bytes": self.model_fp32_bytes,
-            "wall_time_s": round(time.perf_counter() - self.started, 3),
+            "wall_time_s": round(self.elapsed(), 3),
         }
         return {
             "schema_version": SCHEMA_VERSION,

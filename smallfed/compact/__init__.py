@@ -1,0 +1,1 @@
+"""Compact on-device models: federated pruning, quantization, export."""

@@ -1,0 +1,152 @@
+"""Federated magnitude pruning: the server picks the mask, clients train under it.
+
+Each round the server prunes the global model to the schedule's sparsity with
+``torch.nn.utils.prune`` (global unstructured L1 over every Conv/Linear weight, or
+per-layer L2 structured over whole output channels; the classifier's rows are never
+removed whole) and broadcasts the mask as packed bits. Pruned weights are exactly
+zero and stay zero: masks only grow, because the zeros of the last round are the
+smallest magnitudes of this one. Clients zero masked weights before every forward
+pass and once after training, and send only the unmasked coordinates of their update
+(:func:`compact`), so a pruned model's updates cost fewer bytes with any codec.
+
+Sparsity follows Zhu and Gupta's cubic schedule (2017): from 0 at ``prune-start-round``
+to ``prune-sparsity`` at ``prune-end-round``, fast first and gently at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from smallfed.config import Config
+
+Masks = dict[str, np.ndarray]  # state-dict name -> bool array, True where the weight lives
+MASK_RECORD = "smallfed-mask"
+
+
+def schedule_end(cfg: Config) -> int:
+    return cfg.prune_end_round or max(cfg.prune_start_round, cfg.num_server_rounds // 2)
+
+
+def sparsity_at(cfg: Config, server_round: int) -> float:
+    """The share of prunable weights that is zero in ``server_round``'s global model."""
+    if cfg.prune == "none" or server_round < cfg.prune_start_round:
+        return 0.0
+    start, end = cfg.prune_start_round, schedule_end(cfg)
+    progress = 1.0 if end <= start else min(1.0, (server_round - start) / (end - start))
+    return cfg.prune_sparsity * (1.0 - (1.0 - progress) ** 3)
+
+
+def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(state-dict name of the weight, module) of every Conv and Linear layer."""
+    return [(f"{name}.weight", module) for name, module in model.named_modules()
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+
+
+def magnitude_masks(model: nn.Module, sparsity: float, structured: bool) -> Masks:
+    """The masks torch's magnitude pruning gives ``model`` at ``sparsity`` (model unchanged)."""
+    layers = prunable(model)
+    if sparsity <= 0:
+        return {}
+    if structured:
+        for _, module in layers[:-1]:  # removing the classifier's rows removes classes
+            prune.ln_structured(module, "weight", amount=sparsity, n=2, dim=0)
+    else:
+        prune.global_unstructured([(m, "weight") for _, m in layers],
+                                  pruning_method=prune.L1Unstructured, amount=sparsity)
+    masks = {}
+    for name, module in layers:
+        if prune.is_pruned(module) and hasattr(module, "weight_mask"):
+            masks[name] = module.weight_mask.detach().numpy().astype(bool)
+            prune.remove(module, "weight")
+    return masks
+
+
+def apply_masks(arrays: Mapping[str, np.ndarray], masks: Masks) -> dict[str, np.ndarray]:
+    """``arrays`` with masked values set to exactly zero."""
+    return {k: np.where(masks[k], v, 0).astype(v.dtype) if k in masks else v
+            for k, v in arrays.items()}
+
+
+def enforce_masks(model: nn.Module, masks: Masks) -> list[torch.utils.hooks.RemovableHandle]:
+    """Zero masked weights before every forward pass; return the hooks to remove.
+
+    torch's prune re-parametrises ``weight`` as ``weight_orig * weight_mask``, which
+    Opacus cannot compute per-sample gradients for; zeroing in place keeps the
+    Parameter, so plain and DP-SGD training both work, and the forward pass always
+    sees the masked weights (what prune's own pre-hook guarantees).
+    """
+    handles = []
+    by_name = dict(prunable(model))
+    for name, mask in masks.items():
+        module, keep = by_name[name], torch.from_numpy(mask)
+
+        def zero(mod: nn.Module, _inputs: object, keep: torch.Tensor = keep) -> None:
+            with torch.no_grad():
+                mod.weight.mul_(keep)
+
+        handles.append(module.register_forward_pre_hook(zero))
+    return handles
+
+
+@contextmanager
+def masked_training(model: nn.Module, masks: Masks) -> Iterator[None]:
+    """Masks enforced during training, and applied once more after the last step."""
+    handles = enforce_masks(model, masks)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        by_name = dict(prunable(model))
+        with torch.no_grad():
+            for name, mask in masks.items():
+                by_name[name].weight.mul_(torch.from_numpy(mask))
+
+
+def compact(update: Mapping[str, np.ndarray], masks: Masks) -> dict[str, np.ndarray]:
+    """Only the unmasked coordinates of each masked tensor (1-D), the rest unchanged."""
+    return {k: v[masks[k]] if k in masks else v for k, v in update.items()}
+
+
+def expand(update: Mapping[str, np.ndarray], masks: Masks,
+           shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Undo :func:`compact`: scatter the kept values back, zeros where masked."""
+    out = {}
+    for k, v in update.items():
+        if k in masks:
+            dense = np.zeros(shapes[k], dtype=v.dtype)
+            dense[masks[k]] = v
+            out[k] = dense
+        else:
+            out[k] = v
+    return out
+
+
+def compact_template(template: Mapping[str, tuple[int, ...]], masks: Masks
+                     ) -> dict[str, tuple[int, ...]]:
+    return {k: (int(masks[k].sum()),) if k in masks else shape for k, shape in template.items()}
+
+
+def pack_masks(masks: Masks) -> dict[str, np.ndarray]:
+    """Masks as packed bits (uint8), what the downlink carries: 1 bit a weight."""
+    return {k: np.packbits(m.ravel()) for k, m in masks.items()}
+
+
+def unpack_masks(packed: Mapping[str, np.ndarray], template: Mapping[str, tuple[int, ...]]
+                 ) -> Masks:
+    """Undo :func:`pack_masks`; ValueError if a mask does not fit the model's layout."""
+    masks = {}
+    for k, bits in packed.items():
+        if k not in template:
+            raise ValueError(f"mask for {k!r}, which the model does not have")
+        size = int(np.prod(template[k]))
+        if bits.dtype != np.uint8 or bits.size != (size + 7) // 8:
+            raise ValueError(f"mask for {k!r}: {bits.size} bytes, expected {(size + 7) // 8}")
+        masks[k] = np.unpackbits(bits, count=size).reshape(template[k]).astype(bool)
+    return masks

@@ -1,0 +1,150 @@
+"""Checkpoints: what a run needs to go on after a round, saved every round.
+
+``<run folder>/checkpoint/`` holds
+
+* ``state.json``: the last finished round, the configuration, the recorded rounds and
+  the server's own state (the epsilons clients reported, the user-level DP
+  accountant's history and clip);
+* ``arrays.npz``: the global model (``global/<name>``) and the arrays the inner Flower
+  strategy carries between rounds (``strategy/<attribute>/<key>``: FedAvgM's momentum,
+  FedAdam's moments), as exact copies;
+* ``clients.npz``: each simulated node's ``Context.state`` (error-feedback residuals,
+  the DP-SGD accountant's history), one Flower-serialized RecordDict per partition id.
+
+The folder is written as ``checkpoint.tmp`` and then renamed, so a run stopped while
+writing keeps its previous checkpoint whole. Sampling, client seeds and reproducible
+DP noise are functions of ``(seed, round)``, so a resumed run repeats what the
+uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, RecordDict
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
+
+from smallfed.config import Config, ConfigError
+from smallfed.flower.records import arrays_record
+
+CHECKPOINT_DIR = "checkpoint"
+FORMAT_VERSION = 1
+# What Flower's strategies keep between rounds (FedAvgM, FedAdam/FedYogi/FedAdagrad).
+STRATEGY_ATTRIBUTES = ("current_arrays", "momentum_vector", "m_t", "v_t")
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class Checkpoint:
+    """A run after ``round`` rounds."""
+
+    round: int
+    config: dict[str, Any]
+    global_arrays: Arrays
+    server: dict[str, Any] = field(default_factory=dict)  # JSON: recorder, epsilons, DP
+    strategy: dict[str, Any] = field(default_factory=dict)  # inner strategy attributes
+    clients: dict[int, RecordDict] = field(default_factory=dict)  # partition -> state
+
+
+def strategy_state(inner: object) -> dict[str, Any]:
+    """The arrays a Flower strategy keeps between rounds, as plain numpy."""
+    state: dict[str, Any] = {}
+    for name in STRATEGY_ATTRIBUTES:
+        value = getattr(inner, name, None)
+        if isinstance(value, ArrayRecord):
+            state[name] = ("record", {k: a.numpy() for k, a in value.items()})
+        elif isinstance(value, list):
+            state[name] = ("list", {str(i): np.asarray(v) for i, v in enumerate(value)})
+        elif isinstance(value, dict):
+            state[name] = ("dict", {k: np.asarray(v) for k, v in value.items()})
+    return state
+
+
+def restore_strategy(inner: object, state: dict[str, Any]) -> None:
+    """Put back what :func:`strategy_state` took."""
+    for name, (kind, arrays) in state.items():
+        if kind == "record":
+            setattr(inner, name, arrays_record(arrays))
+        elif kind == "list":
+            setattr(inner, name, [arrays[str(i)] for i in range(len(arrays))])
+        else:
+            setattr(inner, name, dict(arrays))
+
+
+def save(out_dir: str | Path, ckpt: Checkpoint) -> Path:
+    """Write ``ckpt`` into ``out_dir/checkpoint`` atomically; return that folder."""
+    final = Path(out_dir) / CHECKPOINT_DIR
+    tmp = final.with_name(CHECKPOINT_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    kinds = {name: kind for name, (kind, _) in ckpt.strategy.items()}
+    arrays = {f"global/{k}": v for k, v in ckpt.global_arrays.items()}
+    for name, (_, values) in ckpt.strategy.items():
+        arrays.update({f"strategy/{name}/{k}": v for k, v in values.items()})
+    np.savez(tmp / "arrays.npz", **arrays)
+    np.savez(tmp / "clients.npz", **{
+        str(pid): np.frombuffer(recorddict_to_proto(state).SerializeToString(), dtype=np.uint8)
+        for pid, state in ckpt.clients.items()})
+    state = {"format": FORMAT_VERSION, "round": ckpt.round, "config": ckpt.config,
+             "strategy_kinds": kinds, "server": ckpt.server}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    old = final.with_name(CHECKPOINT_DIR + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(run_dir: str | Path) -> Checkpoint:
+    """The checkpoint of a run folder; ConfigError if there is none or it is unreadable."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    if not (folder / "state.json").is_file():
+        raise ConfigError(f"{run_dir}: no checkpoint ({folder}/state.json is missing); "
+                          "name the folder of a run that `smallfed simulate` wrote")
+    state = json.loads((folder / "state.json").read_text())
+    if state.get("format") != FORMAT_VERSION:
+        raise ConfigError(f"{folder}: checkpoint format {state.get('format')!r}, this smallfed "
+                          f"reads format {FORMAT_VERSION}")
+    with np.load(folder / "arrays.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    strategy: dict[str, Any] = {}
+    for name, kind in state["strategy_kinds"].items():
+        prefix = f"strategy/{name}/"
+        strategy[name] = (kind, {k[len(prefix):]: v for k, v in arrays.items()
+                                 if k.startswith(prefix)})
+    clients = {}
+    with np.load(folder / "clients.npz") as npz:
+        for pid in npz.files:
+            proto = RecordDictProto()
+            proto.ParseFromString(npz[pid].tobytes())
+            clients[int(pid)] = recorddict_from_proto(proto)
+    return Checkpoint(
+        round=int(state["round"]), config=state["config"],
+        global_arrays={k[len("global/"):]: v for k, v in arrays.items() if k.startswith("global/")},
+        server=state["server"], strategy=strategy, clients=clients,
+    )
+
+
+def check_resumable(cfg: Config, ckpt: Checkpoint) -> None:
+    """Fail before any work when ``cfg`` is not the configuration the checkpoint ran."""
+    given, saved = cfg.to_dict(), ckpt.config
+    differ = sorted(k for k in set(given) | set(saved)
+                    if k != "out-dir" and given.get(k) != saved.get(k))
+    if differ:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {given.get(k)!r} given"
+                            for k in differ[:5])
+        raise ConfigError(f"cannot resume with a different configuration ({changes}); resume "
+                          "without --config/--set to use the checkpoint's own")
+    stateful = cfg.privacy == "sample" or "error_feedback" in cfg.codec
+    if cfg.backend == "ray" and stateful:
+        raise ConfigError("backend = ray: client state (DP-SGD accountants, error-feedback "
+                          "residuals) lives in Ray's actors and is not checkpointed; resume "
+                          "with backend = inprocess")

@@ -1,0 +1,73 @@
+"""Checkpoints: a run stopped after a round and resumed ends exactly as an uninterrupted one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smallfed.cli import main
+from smallfed.config import Config, ConfigError
+from smallfed.flower.checkpoint import load
+from smallfed.report.results import RoundRecord
+from smallfed.simulation import simulate
+
+# Stateful everywhere it can be: server momentum, client error-feedback residuals,
+# sample-level DP accountants (reproducible noise), and client sampling (4 of 6).
+CFG = Config(num_server_rounds=4, num_clients=6, clients_per_round=4, seed=11,
+             local_epochs=1, batch_size=32, strategy="fedavgm", server_momentum=0.5,
+             codec="topk:0.1,quantize:4,error_feedback", privacy="sample", dp_noise=0.8,
+             dp_accountant="rdp", dp_reproducible=True)
+
+
+class Stop(Exception):
+    """Stands for a crash after a round."""
+
+
+def stop_after(round_: int):
+    def hook(record: RoundRecord, _: int) -> None:
+        if record.round == round_:
+            raise Stop
+
+    return hook
+
+
+def without_times(results: dict) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in results["rounds"]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("whole")
+    return simulate(CFG, out, progress=False), out
+
+
+def test_resume_gives_the_uninterrupted_run(uninterrupted, tmp_path: Path) -> None:
+    whole, whole_dir = uninterrupted
+    with pytest.raises(Stop):
+        simulate(CFG, tmp_path, progress=False, on_round=stop_after(2))
+    stopped = load(tmp_path)
+    assert stopped.round == 2 and len(stopped.clients) > 0  # residuals and DP histories
+    ran: list[int] = []
+    resumed = simulate(CFG, tmp_path, progress=False, resume=True,
+                       on_round=lambda record, _: ran.append(record.round))
+    assert ran == [3, 4]  # only the rounds after the checkpoint
+    assert without_times(resumed) == without_times(whole)
+    assert resumed["summary"]["epsilon"] == whole["summary"]["epsilon"]
+    final, expected = load(tmp_path), load(whole_dir)
+    assert final.round == 4
+    for name, values in expected.global_arrays.items():
+        np.testing.assert_array_equal(final.global_arrays[name], values)
+
+
+def test_resume_refuses_another_configuration(uninterrupted) -> None:
+    _, whole_dir = uninterrupted
+    with pytest.raises(ConfigError, match="lr: 0.05 in the checkpoint, 0.5 given"):
+        simulate(CFG.replace(lr=0.5), whole_dir, progress=False, resume=True)
+
+
+def test_resume_without_a_checkpoint_fails_clearly(tmp_path: Path, capsys) -> None:
+    assert main(["simulate", "--resume", str(tmp_path), "--no-progress"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written
