@@ -14,11 +14,12 @@ from smallfed.report.results import RoundRecord
 from smallfed.simulation import simulate
 
 # Stateful everywhere it can be: server momentum, client error-feedback residuals,
-# sample-level DP accountants (reproducible noise), and client sampling (4 of 6).
+# sample-level DP accountants (reproducible noise), client sampling (4 of 6), pruning.
 CFG = Config(num_server_rounds=4, num_clients=6, clients_per_round=4, seed=11,
              local_epochs=1, batch_size=32, strategy="fedavgm", server_momentum=0.5,
              codec="topk:0.1,quantize:4,error_feedback", privacy="sample", dp_noise=0.8,
-             dp_accountant="rdp", dp_reproducible=True)
+             dp_accountant="rdp", dp_reproducible=True, prune="unstructured",
+             prune_sparsity=0.5, prune_end_round=3)
 
 
 class Stop(Exception):

@@ -15,11 +15,13 @@ to ``prune-sparsity`` at ``prune-end-round``, fast first and gently at the end.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import numpy as np
 import torch
+from flwr.app import Array, ArrayRecord, RecordDict
 from torch import nn
 from torch.nn.utils import prune
 
@@ -150,3 +152,30 @@ def unpack_masks(packed: Mapping[str, np.ndarray], template: Mapping[str, tuple[
             raise ValueError(f"mask for {k!r}: {bits.size} bytes, expected {(size + 7) // 8}")
         masks[k] = np.unpackbits(bits, count=size).reshape(template[k]).astype(bool)
     return masks
+
+
+def read_masks(content: RecordDict, template: Mapping[str, tuple[int, ...]]) -> Masks:
+    """The masks a train message carries (none when the model is not pruned)."""
+    record = content.array_records.get(MASK_RECORD)
+    if record is None:
+        return {}
+    return unpack_masks({k: a.numpy() for k, a in record.items()}, template)
+
+
+def mask_record(masks: Masks) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in pack_masks(masks).items()})
+
+
+class ServerPruning:
+    """The server's side: this round's masks from the global model and the schedule."""
+
+    def __init__(self, cfg: Config, model: nn.Module) -> None:
+        self.cfg = cfg
+        self.model = copy.deepcopy(model)  # scratch: loaded with the global model each round
+
+    def masks_for(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> Masks:
+        sparsity = sparsity_at(self.cfg, server_round)
+        if sparsity <= 0:
+            return {}
+        self.model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+        return magnitude_masks(self.model, sparsity, self.cfg.prune == "structured")

@@ -18,6 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from smallfed.codec import Chain, parse_codec
+from smallfed.compact.pruning import Masks, masked_training, read_masks
 from smallfed.config import Config
 from smallfed.data import federated_data
 from smallfed.flower.codec_mod import make_codec_mod
@@ -77,11 +78,12 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         x, y = client_data(config, context)
         server_round = int(msg.content["config"]["server-round"])
         pid = partition_id(context)
+        masks = read_masks(msg.content, model_template(config))
         if config.privacy == "sample":  # user-level DP is the server's work
-            return train_with_dp(msg, context, config, model, x, y, server_round)
+            return train_with_dp(msg, context, config, model, x, y, server_round, masks)
         mu = float(msg.content["config"].get("proximal-mu", 0.0))
         gen = client_generator(config.seed, server_round, pid)
-        with torch_threads(CLIENT_THREADS):
+        with torch_threads(CLIENT_THREADS), masked_training(model, masks):
             result = train(model, x, y, config, gen, proximal_mu=mu)
         metrics = MetricRecord({"train-loss": result.loss, NUM_EXAMPLES_KEY: result.num_examples})
         content = RecordDict({ARRAYS_KEY: model_to_record(model), METRICS_KEY: metrics})
@@ -112,7 +114,7 @@ DP_HISTORY_KEY = "smallfed-dp-history"
 
 def train_with_dp(
     msg: Message, context: Context, config: Config, model: torch.nn.Module,
-    x: torch.Tensor, y: torch.Tensor, server_round: int,
+    x: torch.Tensor, y: torch.Tensor, server_round: int, masks: Masks,
 ) -> Message:
     """A DP-SGD round whose accountant history persists in the node's Context.state."""
     saved = context.state.get(DP_HISTORY_KEY)
@@ -121,7 +123,7 @@ def train_with_dp(
     # The noise must be secret: OS entropy, unless the run asks to be reproducible.
     seed = secrets.randbits(63) if not config.dp_reproducible else int(np.random.SeedSequence(
         [config.seed, server_round, partition_id(context) + 1, 7]).generate_state(1)[0])
-    with torch_threads(CLIENT_THREADS):
+    with torch_threads(CLIENT_THREADS), masked_training(model, masks):
         outcome = train_private(model, x, y, config, seed, history)
     noise, rate, steps = zip(*outcome.history) if outcome.history else ((), (), ())
     context.state[DP_HISTORY_KEY] = ConfigRecord(

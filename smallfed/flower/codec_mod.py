@@ -5,6 +5,10 @@ training it replaces the reply's model with one payload holding the encoded delt
 (``codec``), so what leaves the device is exactly ``len(payload)`` bytes of arrays.
 Error feedback's residual lives in the node's ``Context.state`` (an ArrayRecord),
 which Flower keeps for the node across rounds in simulation and on a device.
+
+When the server prunes the model, the train message carries the masks, and the
+update holds only the unpruned coordinates of each pruned tensor, encoded with the
+codec (an identity codec then sends them as raw fp32): the server knows the masks.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from smallfed.codec import Chain, encoding_seed
+from smallfed.compact.pruning import compact, expand, read_masks
 from smallfed.flower.records import (
     ARRAYS_KEY,
     PAYLOAD_STYPE,
@@ -42,20 +47,23 @@ def make_codec_mod(
         received = msg.content[ARRAYS_KEY]
         if is_payload(received):
             msg.content[ARRAYS_KEY] = arrays_record(down.decode(record_payload(received), template))
+        masks = read_masks(msg.content, template)
         start = record_arrays(msg.content[ARRAYS_KEY])
         reply = call_next(msg, context)
-        if reply.has_error() or up.is_identity or ARRAYS_KEY not in reply.content:
+        if reply.has_error() or (up.is_identity and not masks) or ARRAYS_KEY not in reply.content:
             return reply
         trained = record_arrays(reply.content[ARRAYS_KEY])
         delta = {name: trained[name] - start[name] for name in template}
         residual = None
         if up.error_feedback and RESIDUAL_KEY in context.state:
-            residual = record_arrays(context.state[RESIDUAL_KEY])
+            residual = compact(record_arrays(context.state[RESIDUAL_KEY]), masks)
         server_round = int(msg.content["config"]["server-round"])
         pid = int(context.node_config.get("partition-id", -1))
-        payload, residual = up.encode(delta, encoding_seed(seed, server_round, pid, downlink=False), residual)
-        if residual is not None:
-            context.state[RESIDUAL_KEY] = arrays_record(residual)
+        payload, residual = up.encode(compact(delta, masks),
+                                      encoding_seed(seed, server_round, pid, downlink=False),
+                                      residual)
+        if residual is not None:  # kept dense; what fell on pruned weights is gone with them
+            context.state[RESIDUAL_KEY] = arrays_record(expand(residual, masks, template))
         reply.content[ARRAYS_KEY] = payload_record(payload)
         return reply
 

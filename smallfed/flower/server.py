@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from smallfed.codec import parse_codec
+from smallfed.compact.pruning import ServerPruning
 from smallfed.config import Config
 from smallfed.data import federated_data
 from smallfed.flower.checkpoint import (
@@ -81,6 +82,7 @@ def run_server(  # pylint: disable=too-many-arguments
         codec_up=parse_codec(cfg.codec), codec_down=parse_codec(cfg.codec_down),
         min_replies=cfg.min_replies,
         user_dp=UserLevelDP(cfg) if cfg.privacy == "user" else None,
+        pruning=ServerPruning(cfg, model) if cfg.prune != "none" else None,
     )
     metered = MeteredGrid(grid)
     recorder = RunRecorder(

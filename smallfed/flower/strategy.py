@@ -35,6 +35,15 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Strategy
 from flwr.supercore import log
 
 from smallfed.codec import Chain, PayloadError, chain, encoding_seed
+from smallfed.compact.pruning import (
+    MASK_RECORD,
+    Masks,
+    ServerPruning,
+    apply_masks,
+    compact_template,
+    expand,
+    mask_record,
+)
 from smallfed.config import Config
 from smallfed.flower.grids import ForwardingGrid
 from smallfed.privacy.user_dp import UserLevelDP
@@ -130,9 +139,11 @@ class SmallfedStrategy(Strategy):
         self, inner: Strategy, *, clients_per_round: int, fraction_evaluate: float, seed: int,
         codec_up: Chain | None = None, codec_down: Chain | None = None,
         min_replies: int = 1, user_dp: UserLevelDP | None = None,
-        wait_for_nodes_s: float = 600.0,
+        pruning: ServerPruning | None = None, wait_for_nodes_s: float = 600.0,
     ) -> None:
         self.inner = inner
+        self.pruning = pruning
+        self._masks: Masks = {}  # this round's pruning masks
         self.user_dp = user_dp
         self.min_replies = min_replies
         self.codec_up = codec_up or chain()
@@ -201,6 +212,11 @@ class SmallfedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
+        self._masks = {}
+        if self.pruning is not None:
+            self._masks = self.pruning.masks_for(server_round, record_arrays(arrays))
+            if self._masks:
+                arrays = arrays_record(apply_masks(record_arrays(arrays), self._masks))
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         if self.user_dp is not None:
             allowed, after = self.user_dp.start_round()
@@ -214,7 +230,7 @@ class SmallfedStrategy(Strategy):
         self.last_round = RoundStats(sampled=len(nodes))
         messages = list(self.inner.configure_train(
             server_round, arrays, config, _VisibleNodes(grid, nodes)))
-        if self.user_dp is not None or not (
+        if self.user_dp is not None or self._masks or not (
             self.codec_up.is_identity and self.codec_down.is_identity
         ):
             self._global = record_arrays(arrays)
@@ -223,6 +239,10 @@ class SmallfedStrategy(Strategy):
             record = payload_record(self.codec_down.encode(self._global, seed)[0])
             for message in messages:
                 message.content[ARRAYS_KEY] = record
+        if self._masks:
+            masks = mask_record(self._masks)
+            for message in messages:
+                message.content[MASK_RECORD] = masks
         return messages
 
     def aggregate_train(
@@ -250,14 +270,23 @@ class SmallfedStrategy(Strategy):
         good.sort(key=lambda m: self.partition_of.get(m.metadata.src_node_id, 0))
         keep_common_metrics(good)
         if self.user_dp is not None:
-            return self.aggregate_user_dp(server_round, good)
+            return self.masked(*self.aggregate_user_dp(server_round, good))
         if len(good) < self.min_replies:
             log(ERROR, "Round %d failed: %d usable updates of %d sampled, min-replies is %d; "
                 "the global model stays as it was", server_round, len(good),
                 self.last_round.sampled, self.min_replies)
             return None, None
         self.last_round.aggregated = len(good)
-        return self.inner.aggregate_train(server_round, good)
+        return self.masked(*self.inner.aggregate_train(server_round, good))
+
+    def masked(
+        self, arrays: ArrayRecord | None, metrics: MetricRecord | None
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregate with pruned weights zero again: server momentum, adaptive moments
+        and DP noise move every coordinate, and a pruned weight must stay pruned."""
+        if arrays is None or not self._masks:
+            return arrays, metrics
+        return arrays_record(apply_masks(record_arrays(arrays), self._masks)), metrics
 
     def aggregate_user_dp(
         self, server_round: int, good: list[Message]
@@ -322,12 +351,14 @@ class SmallfedStrategy(Strategy):
 
     def decode_reply(self, content: RecordDict) -> str | None:
         """Replace an encoded update by the client's model (global + delta); or say why not."""
-        if self.codec_up.is_identity:
+        if self.codec_up.is_identity and not self._masks:
             return None
         try:
             payload = record_payload(content[ARRAYS_KEY])
             template = {k: shape for k, (shape, _) in self._expected.items()}
-            delta = self.codec_up.decode(payload, template)
+            # A pruned model's update holds only the unpruned coordinates.
+            delta = expand(self.codec_up.decode(payload, compact_template(template, self._masks)),
+                           self._masks, template)
         except (AttributeError, KeyError, TypeError, ValueError) as err:  # incl. PayloadError
             kind = "payload" if isinstance(err, PayloadError) else "reply"
             return f"bad {kind}: {err}"

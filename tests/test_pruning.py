@@ -1,0 +1,116 @@
+"""Federated pruning: masks from the server, zeros that stay zero, fewer bytes up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from smallfed.config import Config, ConfigError
+from smallfed.data import federated_data
+from smallfed.flower.checkpoint import load
+from smallfed.compact.pruning import (
+    compact,
+    expand,
+    magnitude_masks,
+    masked_training,
+    pack_masks,
+    prunable,
+    sparsity_at,
+    unpack_masks,
+)
+from smallfed.models import build_model
+from smallfed.privacy.local_dp import train_private
+from smallfed.report.results import RoundRecord
+from smallfed.simulation import simulate
+from smallfed.training import client_generator, train
+
+SMALL = Config(num_server_rounds=4, num_clients=4, clients_per_round=4, seed=3,
+               local_epochs=1, batch_size=32, prune="unstructured", prune_sparsity=0.8,
+               prune_end_round=3)
+
+
+def prunable_zeros(arrays: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    return {k: arrays[k] == 0 for k in names}
+
+
+def test_cubic_schedule_grows_to_the_target_and_stays() -> None:
+    cfg = Config(num_server_rounds=10, prune="unstructured", prune_sparsity=0.5,
+                 prune_start_round=2, prune_end_round=6)
+    values = [sparsity_at(cfg, r) for r in range(1, 11)]
+    assert values[:2] == [0.0, 0.0]
+    assert values[2] == pytest.approx(0.5 * (1 - 0.75 ** 3))
+    assert all(a <= b for a, b in zip(values, values[1:]))
+    assert values[5:] == [0.5] * 5
+    assert sparsity_at(cfg.replace(prune="none"), 8) == 0.0
+
+
+def test_bad_schedule_fails_before_the_run() -> None:
+    with pytest.raises(ConfigError, match="prune-end-round: 20 must lie between"):
+        Config(num_server_rounds=10, prune="unstructured", prune_end_round=20)
+
+
+def test_pruned_weights_stay_zero_and_updates_shrink(tmp_path: Path) -> None:
+    names = [n for n, _ in prunable(build_model("cnn-tiny", (1, 8, 8), 10, 0))]
+    zeros: list[dict[str, np.ndarray]] = []
+
+    def after_round(record: RoundRecord, _: int) -> None:
+        zeros.append(prunable_zeros(load(tmp_path).global_arrays, names))
+
+    results = simulate(SMALL, tmp_path, progress=False, on_round=after_round)
+    for before, after in zip(zeros, zeros[1:]):  # a pruned weight is never revived
+        assert all((after[k] | ~before[k]).all() for k in names)
+    total = sum(z.size for z in zeros[-1].values())
+    assert sum(int(z.sum()) for z in zeros[-1].values()) / total == pytest.approx(0.8, abs=0.01)
+    rounds = results["rounds"]
+    dense_up = rounds[1]["bytes_up"]  # round 1 is not pruned yet (cubic schedule)
+    share_kept = 1 - 0.8 * total / results["summary"]["model_params"]
+    assert rounds[4]["bytes_up"] < dense_up * (share_kept + 0.02)
+    assert rounds[4]["accuracy"] > 0.5  # the pruned model still learns
+
+
+def test_structured_masks_remove_whole_channels_but_never_classes() -> None:
+    model = build_model("cnn-tiny", (1, 28, 28), 10, 0)
+    masks = magnitude_masks(model, 0.5, structured=True)
+    layers = [n for n, _ in prunable(model)]
+    assert set(masks) == set(layers[:-1])
+    for name, mask in masks.items():
+        rows = mask.reshape(mask.shape[0], -1)
+        assert (rows.all(axis=1) | ~rows.any(axis=1)).all()  # a row is kept or gone whole
+        assert (~rows.any(axis=1)).sum() == round(0.5 * mask.shape[0])
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_clients_train_with_masked_weights_that_stay_zero(private: bool) -> None:
+    cfg = Config(batch_size=32, local_epochs=1, dp_noise=1.0, dp_accountant="rdp")
+    x, y = federated_data(cfg.replace(num_clients=4, clients_per_round=4)).client(0)
+    model = build_model("cnn-tiny", (1, 8, 8), 10, 0)
+    masks = magnitude_masks(model, 0.7, structured=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with masked_training(model, masks):
+        if private:  # Opacus's per-sample gradients work with the in-place masks
+            train_private(model, x, y, cfg, 0, [])
+        else:
+            train(model, x, y, cfg, client_generator(0, 1, 0))
+    state = model.state_dict()
+    for name, mask in masks.items():
+        assert (state[name].numpy()[~mask] == 0).all()
+        assert not torch.equal(state[name], before[name])  # the kept weights trained
+
+
+def test_masks_round_trip_and_compacted_updates_expand_exactly() -> None:
+    rng = np.random.default_rng(0)
+    template = {"w": (3, 5), "b": (3,)}
+    masks = {"w": rng.random((3, 5)) < 0.4}
+    assert (unpack_masks(pack_masks(masks), template)["w"] == masks["w"]).all()
+    update = {"w": rng.normal(size=(3, 5)).astype(np.float32), "b": np.ones(3, np.float32)}
+    small = compact(update, masks)
+    assert small["w"].shape == (int(masks["w"].sum()),)
+    back = expand(small, masks, template)
+    np.testing.assert_array_equal(back["w"], np.where(masks["w"], update["w"], 0))
+    with pytest.raises(ValueError, match="expected 2"):
+        unpack_masks({"w": np.zeros(5, np.uint8)}, template)
+    with pytest.raises(ValueError, match="does not have"):
+        unpack_masks({"x": np.zeros(2, np.uint8)}, template)
