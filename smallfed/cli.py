@@ -49,6 +49,39 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from smallfed.compact.export import export_run
+
+    report = export_run(args.run, args.output, int8=args.int8)
+    table = Table(title=f"exported {report.path} ({report.precision})")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    rows = [
+        ("file size", f"{report.file_bytes:,} bytes"),
+        ("parameters (nonzero)", f"{report.params:,} ({report.nonzero_params:,})"),
+        ("multiply-accumulates per image", f"{report.macs:,}"),
+        (f"torch accuracy ({report.test_images} held-out images)", f"{report.torch_accuracy:.4f}"),
+        ("onnxruntime accuracy", f"{report.onnx_accuracy:.4f}"),
+        ("same prediction as torch", f"{report.prediction_agreement:.2%}"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from smallfed.compact.predict import predict
+
+    rows = predict(args.model, args.input)
+    lines = ["input,class,probability"] + [f"{n},{c},{p:.4f}" for n, c, p in rows]
+    if args.output:
+        Path(args.output).write_text("\n".join(lines) + "\n")
+    else:
+        print("\n".join(lines))
+    return 0
+
+
 def cmd_keys(_: argparse.Namespace) -> int:
     table = Table(title="smallfed configuration keys")
     for name in ("key", "default", "meaning"):
@@ -71,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--resume", metavar="DIR",
                      help="go on from the checkpoint of an interrupted run in DIR")
     sim.set_defaults(func=cmd_simulate)
+    export = sub.add_parser("export", help="export a run's model to ONNX for devices")
+    export.add_argument("--run", required=True, help="a run folder with a checkpoint")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--int8", action="store_true", help="int8 (onnxruntime static quantization)")
+    export.add_argument("--output", required=True, help="the .onnx file to write")
+    export.set_defaults(func=cmd_export)
+    pred = sub.add_parser("predict", help="classify images with an exported model (onnxruntime)")
+    pred.add_argument("--model", required=True, help="an .onnx file from `smallfed export`")
+    pred.add_argument("--input", required=True,
+                      help="a folder of images or an .npy array (N, C, H, W) in [0, 1]")
+    pred.add_argument("--output", help="CSV file (default: print)")
+    pred.set_defaults(func=cmd_predict)
     keys = sub.add_parser("keys", help="list every configuration key")
     keys.set_defaults(func=cmd_keys)
     return parser
@@ -81,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        Console(stderr=True).print(f"[bold red]configuration error:[/] {err}")
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]configuration error:[/] {err}")
         return 2
 
 

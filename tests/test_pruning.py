@@ -74,12 +74,17 @@ def test_pruned_weights_stay_zero_and_updates_shrink(tmp_path: Path) -> None:
 def test_structured_masks_remove_whole_channels_but_never_classes() -> None:
     model = build_model("cnn-tiny", (1, 28, 28), 10, 0)
     masks = magnitude_masks(model, 0.5, structured=True)
-    layers = [n for n, _ in prunable(model)]
-    assert set(masks) == set(layers[:-1])
-    for name, mask in masks.items():
-        rows = mask.reshape(mask.shape[0], -1)
-        assert (rows.all(axis=1) | ~rows.any(axis=1)).all()  # a row is kept or gone whole
-        assert (~rows.any(axis=1)).sum() == round(0.5 * mask.shape[0])
+    # conv 0 + GroupNorm 1 (4 groups of 4), conv 4 + GroupNorm 5 (8 of 4), linear 9.
+    assert set(masks) == {f"{i}.{p}" for i in (0, 1, 4, 5, 9) for p in ("weight", "bias")}
+    for layer, norm, group in (("0", "1", 4), ("4", "5", 4), ("9", None, 1)):
+        rows = masks[f"{layer}.weight"].reshape(masks[f"{layer}.weight"].shape[0], -1)
+        kept = rows.any(axis=1)
+        assert (rows.all(axis=1) == kept).all()  # a row is kept or gone whole
+        assert (kept.reshape(-1, group) == kept.reshape(-1, group)[:, :1]).all()  # whole groups
+        assert kept.mean() == 0.5
+        assert (masks[f"{layer}.bias"] == kept).all()
+        if norm:
+            assert (masks[f"{norm}.weight"] == kept).all() and (masks[f"{norm}.bias"] == kept).all()
 
 
 @pytest.mark.parametrize("private", [False, True])

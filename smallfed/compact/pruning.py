@@ -44,29 +44,73 @@ def sparsity_at(cfg: Config, server_round: int) -> float:
     return cfg.prune_sparsity * (1.0 - (1.0 - progress) ** 3)
 
 
+PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
 def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(state-dict name of the weight, module) of every Conv and Linear layer."""
     return [(f"{name}.weight", module) for name, module in model.named_modules()
-            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+            if isinstance(module, PRUNABLE)]
 
 
 def magnitude_masks(model: nn.Module, sparsity: float, structured: bool) -> Masks:
     """The masks torch's magnitude pruning gives ``model`` at ``sparsity`` (model unchanged)."""
-    layers = prunable(model)
     if sparsity <= 0:
         return {}
     if structured:
-        for _, module in layers[:-1]:  # removing the classifier's rows removes classes
-            prune.ln_structured(module, "weight", amount=sparsity, n=2, dim=0)
-    else:
-        prune.global_unstructured([(m, "weight") for _, m in layers],
-                                  pruning_method=prune.L1Unstructured, amount=sparsity)
+        return structured_masks(model, sparsity)
+    layers = prunable(model)
+    prune.global_unstructured([(m, "weight") for _, m in layers],
+                              pruning_method=prune.L1Unstructured, amount=sparsity)
     masks = {}
     for name, module in layers:
-        if prune.is_pruned(module) and hasattr(module, "weight_mask"):
-            masks[name] = module.weight_mask.detach().numpy().astype(bool)
-            prune.remove(module, "weight")
+        masks[name] = module.weight_mask.detach().numpy().astype(bool)
+        prune.remove(module, "weight")
     return masks
+
+
+def structured_masks(model: nn.Module, sparsity: float) -> Masks:
+    """Whole output channels by L2 norm, layer by layer, and everything that dies with them.
+
+    A pruned channel loses its weight row and its bias; when a GroupNorm follows, whole
+    groups go (a group's statistics mix its channels) with their affine parameters. The
+    channel then outputs exactly zero, so export can drop it (:mod:`shrink`). The
+    classifier keeps every row. Layers are taken in registration order, which is the
+    forward order of a Sequential model.
+    """
+    leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
+    layer_at = [i for i, (_, m) in enumerate(leaves) if isinstance(m, PRUNABLE)]
+    masks: Masks = {}
+    for i in layer_at[:-1]:
+        name, module = leaves[i]
+        after = leaves[i + 1] if i + 1 < len(leaves) else None
+        norm = after if after is not None and isinstance(after[1], nn.GroupNorm) else None
+        rows = _kept_rows(module, norm[1] if norm else None, sparsity)
+        masks[f"{name}.weight"] = np.broadcast_to(
+            rows.reshape(-1, *[1] * (module.weight.dim() - 1)), module.weight.shape).copy()
+        if module.bias is not None:
+            masks[f"{name}.bias"] = rows.copy()
+        if norm is not None and norm[1].affine:
+            masks[f"{norm[0]}.weight"] = rows.copy()
+            masks[f"{norm[0]}.bias"] = rows.copy()
+    return masks
+
+
+def _kept_rows(module: nn.Module, norm: nn.GroupNorm | None, sparsity: float) -> np.ndarray:
+    out = module.weight.shape[0]
+    if norm is None:  # torch's own structured pruning, one row at a time
+        prune.ln_structured(module, "weight", amount=sparsity, n=2, dim=0)
+        rows = module.weight_mask.detach().reshape(out, -1).any(dim=1).numpy()
+        prune.remove(module, "weight")
+        return rows
+    # Whole GroupNorm groups, which torch's pruning has no method for: the L2 norm of
+    # each group's filters, the weakest groups dropped, as ln_structured drops rows.
+    size = out // norm.num_groups
+    norms = module.weight.detach().reshape(norm.num_groups, -1).norm(dim=1)
+    drop = round(sparsity * norm.num_groups)
+    kept_groups = np.ones(norm.num_groups, dtype=bool)
+    kept_groups[torch.argsort(norms)[:drop].numpy()] = False
+    return np.repeat(kept_groups, size)
 
 
 def apply_masks(arrays: Mapping[str, np.ndarray], masks: Masks) -> dict[str, np.ndarray]:
@@ -76,7 +120,7 @@ def apply_masks(arrays: Mapping[str, np.ndarray], masks: Masks) -> dict[str, np.
 
 
 def enforce_masks(model: nn.Module, masks: Masks) -> list[torch.utils.hooks.RemovableHandle]:
-    """Zero masked weights before every forward pass; return the hooks to remove.
+    """Zero masked parameters before every forward pass; return the hooks to remove.
 
     torch's prune re-parametrises ``weight`` as ``weight_orig * weight_mask``, which
     Opacus cannot compute per-sample gradients for; zeroing in place keeps the
@@ -84,13 +128,14 @@ def enforce_masks(model: nn.Module, masks: Masks) -> list[torch.utils.hooks.Remo
     sees the masked weights (what prune's own pre-hook guarantees).
     """
     handles = []
-    by_name = dict(prunable(model))
     for name, mask in masks.items():
-        module, keep = by_name[name], torch.from_numpy(mask)
+        module_name, _, param = name.rpartition(".")
+        module, keep = model.get_submodule(module_name), torch.from_numpy(mask)
 
-        def zero(mod: nn.Module, _inputs: object, keep: torch.Tensor = keep) -> None:
+        def zero(mod: nn.Module, _inputs: object, param: str = param,
+                 keep: torch.Tensor = keep) -> None:
             with torch.no_grad():
-                mod.weight.mul_(keep)
+                getattr(mod, param).mul_(keep)
 
         handles.append(module.register_forward_pre_hook(zero))
     return handles
@@ -105,10 +150,10 @@ def masked_training(model: nn.Module, masks: Masks) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
-        by_name = dict(prunable(model))
+        params = dict(model.named_parameters())
         with torch.no_grad():
             for name, mask in masks.items():
-                by_name[name].weight.mul_(torch.from_numpy(mask))
+                params[name].mul_(torch.from_numpy(mask))
 
 
 def compact(update: Mapping[str, np.ndarray], masks: Masks) -> dict[str, np.ndarray]:

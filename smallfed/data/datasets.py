@@ -32,6 +32,10 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    # How pixels in [0, 1] became the model's inputs: (pixel - mean) / std. Export
+    # builds this into the model, so a device feeds it plain pixel intensities.
+    pixel_mean: float = 0.0
+    pixel_std: float = 1.0
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -119,7 +123,10 @@ def load_custom(target: str) -> Dataset:
 def _from_arrays(
     name: str, tx: np.ndarray, ty: np.ndarray, vx: np.ndarray, vy: np.ndarray, classes: int
 ) -> Dataset:
-    """Normalise with the pool's own mean and std, and add a channel axis if missing."""
+    """Normalise with the pool's own mean and std, and add a channel axis if missing.
+
+    ``tx`` and ``vx`` hold pixel intensities in [0, 1].
+    """
     tx, vx = tx.astype(np.float32), vx.astype(np.float32)
     if tx.ndim == 3:
         tx, vx = tx[:, None], vx[:, None]
@@ -131,6 +138,8 @@ def _from_arrays(
         test_x=torch.from_numpy((vx - mean) / std),
         test_y=torch.from_numpy(vy.astype(np.int64)),
         num_classes=classes,
+        pixel_mean=mean,
+        pixel_std=std,
     )
 
 
