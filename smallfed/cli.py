@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -46,6 +47,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print_rounds(results, console)
     plot_rounds(results, out / "accuracy.png")
     console.print(f"results: {out / 'results.json'}, {out / 'rounds.csv'}, {out / 'accuracy.png'}")
+    if cfg.export != "none":
+        report = json.loads((out / f"model{'.int8' if cfg.export == 'int8' else ''}.json")
+                            .read_text())
+        console.print(f"model: {report['path']} ({report['precision']}, "
+                      f"{report['file_bytes']:,} bytes, {report['nonzero_params']:,} nonzero "
+                      f"parameters, onnxruntime accuracy {report['onnx_accuracy']:.4f}, "
+                      f"torch {report['torch_accuracy']:.4f})")
     return 0
 
 

@@ -140,6 +140,15 @@ class Config:
         0, "Pruning: the round that reaches prune-sparsity (Zhu and Gupta's cubic schedule); "
         "0: half of num-server-rounds.", ge=0)
 
+    qat_rounds: int = _key(
+        0, "Quantization-aware training: the last N rounds train through int8 rounding "
+        "(the int8 export's scheme), so `smallfed export --int8` loses less.", ge=0)
+
+    export: str = _key(
+        "none", "After the run, export the final model to ONNX in the run folder: none, fp32 "
+        "(model.onnx) or int8 (model.int8.onnx); see `smallfed export`.",
+        choices=("none", "fp32", "int8"))
+
     # --- privacy --------------------------------------------------------------
     privacy: str = _key(
         "none",
@@ -219,6 +228,13 @@ class Config:
             )
         if self.seed < 0:
             raise ConfigError(f"seed: {self.seed} is not allowed; it must be >= 0")
+        if self.qat_rounds > self.num_server_rounds:
+            raise ConfigError(f"qat-rounds: {self.qat_rounds} is more than num-server-rounds "
+                              f"({self.num_server_rounds})")
+        if self.qat_rounds and self.privacy == "sample":
+            raise ConfigError("qat-rounds: quantization-aware training cannot run under "
+                              "DP-SGD (Opacus's per-sample gradients need plain Conv/Linear "
+                              "weights); set qat-rounds = 0 or privacy = 'user'/'none'")
         if self.prune_end_round and not (
             self.prune_start_round <= self.prune_end_round <= self.num_server_rounds
         ):

@@ -106,6 +106,11 @@ def simulate(
     results_file = out / "results.json"
     if not results_file.is_file():
         raise RuntimeError(f"the simulation ended without writing {results_file}; see the log")
+    if cfg.export != "none":
+        from smallfed.compact.export import export_run
+
+        name = "model.int8.onnx" if cfg.export == "int8" else "model.onnx"
+        export_run(out, out / name, int8=cfg.export == "int8")
     return json.loads(results_file.read_text())
 
 

@@ -74,17 +74,26 @@ def test_pruned_weights_stay_zero_and_updates_shrink(tmp_path: Path) -> None:
 def test_structured_masks_remove_whole_channels_but_never_classes() -> None:
     model = build_model("cnn-tiny", (1, 28, 28), 10, 0)
     masks = magnitude_masks(model, 0.5, structured=True)
-    # conv 0 + GroupNorm 1 (4 groups of 4), conv 4 + GroupNorm 5 (8 of 4), linear 9.
-    assert set(masks) == {f"{i}.{p}" for i in (0, 1, 4, 5, 9) for p in ("weight", "bias")}
-    for layer, norm, group in (("0", "1", 4), ("4", "5", 4), ("9", None, 1)):
-        rows = masks[f"{layer}.weight"].reshape(masks[f"{layer}.weight"].shape[0], -1)
+    # conv 0 + GroupNorm 1 (4 groups of 4), conv 4 + GroupNorm 5 (8 of 4), linear 9, and
+    # the classifier 11, which keeps its rows but loses the inputs of pruned units.
+    assert set(masks) == {f"{i}.{p}" for i in (0, 1, 4, 5, 9) for p in ("weight", "bias")} | {
+        "11.weight"}
+    previous = None
+    for layer, norm, group in (("0", "1", 4), ("4", "5", 4), ("9", None, 1), ("11", None, 1)):
+        mask = masks[f"{layer}.weight"]
+        rows = mask.reshape(mask.shape[0], mask.shape[1], -1).any(axis=2)  # (out, in)
         kept = rows.any(axis=1)
-        assert (rows.all(axis=1) == kept).all()  # a row is kept or gone whole
+        assert (rows[~kept] == 0).all() and (rows[kept] == rows[kept][0]).all()
         assert (kept.reshape(-1, group) == kept.reshape(-1, group)[:, :1]).all()  # whole groups
-        assert kept.mean() == 0.5
-        assert (masks[f"{layer}.bias"] == kept).all()
+        assert kept.mean() == (1.0 if layer == "11" else 0.5)
+        if previous is not None:  # inputs from pruned channels (or their H x W blocks) go
+            per_input = rows.shape[1] // len(previous)
+            assert (rows[kept][0] == np.repeat(previous, per_input)).all()
+        if layer != "11":
+            assert (masks[f"{layer}.bias"] == kept).all()
         if norm:
             assert (masks[f"{norm}.weight"] == kept).all() and (masks[f"{norm}.bias"] == kept).all()
+        previous = kept
 
 
 @pytest.mark.parametrize("private", [False, True])

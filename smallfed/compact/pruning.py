@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 from torch import nn
-from torch.nn.utils import prune
+from torch.nn.utils import parametrize, prune
 
 from smallfed.config import Config
 
@@ -73,26 +73,39 @@ def structured_masks(model: nn.Module, sparsity: float) -> Masks:
     """Whole output channels by L2 norm, layer by layer, and everything that dies with them.
 
     A pruned channel loses its weight row and its bias; when a GroupNorm follows, whole
-    groups go (a group's statistics mix its channels) with their affine parameters. The
-    channel then outputs exactly zero, so export can drop it (:mod:`shrink`). The
-    classifier keeps every row. Layers are taken in registration order, which is the
-    forward order of a Sequential model.
+    groups go (a group's statistics mix its channels) with their affine parameters; and
+    the next layer loses the inputs it read from the channel (after a Flatten, the
+    channel's block of inputs). The channel then outputs exactly zero, so export can
+    drop it (:mod:`shrink`), and no update carries its weights. The classifier keeps
+    every row. Layers are taken in registration order, the forward order of a
+    Sequential model.
     """
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
     layer_at = [i for i, (_, m) in enumerate(leaves) if isinstance(m, PRUNABLE)]
     masks: Masks = {}
-    for i in layer_at[:-1]:
+    inputs: np.ndarray | None = None  # which inputs of the next layer are still alive
+    for n, i in enumerate(layer_at):
         name, module = leaves[i]
+        weight = module.weight
+        last = n == len(layer_at) - 1
         after = leaves[i + 1] if i + 1 < len(leaves) else None
         norm = after if after is not None and isinstance(after[1], nn.GroupNorm) else None
-        rows = _kept_rows(module, norm[1] if norm else None, sparsity)
-        masks[f"{name}.weight"] = np.broadcast_to(
-            rows.reshape(-1, *[1] * (module.weight.dim() - 1)), module.weight.shape).copy()
-        if module.bias is not None:
-            masks[f"{name}.bias"] = rows.copy()
-        if norm is not None and norm[1].affine:
-            masks[f"{norm[0]}.weight"] = rows.copy()
-            masks[f"{norm[0]}.bias"] = rows.copy()
+        rows = (np.ones(weight.shape[0], dtype=bool) if last
+                else _kept_rows(module, norm[1] if norm else None, sparsity))
+        mask = np.broadcast_to(rows.reshape(-1, *[1] * (weight.dim() - 1)), weight.shape).copy()
+        if inputs is not None:
+            per_input = weight.shape[1] // len(inputs)  # > 1 after a Flatten: H x W each
+            columns = np.repeat(inputs, per_input)
+            mask &= columns.reshape(1, -1, *[1] * (weight.dim() - 2))
+        if not mask.all():
+            masks[f"{name}.weight"] = mask
+        if not last:
+            if module.bias is not None:
+                masks[f"{name}.bias"] = rows.copy()
+            if norm is not None and norm[1].affine:
+                masks[f"{norm[0]}.weight"] = rows.copy()
+                masks[f"{norm[0]}.bias"] = rows.copy()
+        inputs = rows
     return masks
 
 
@@ -134,8 +147,12 @@ def enforce_masks(model: nn.Module, masks: Masks) -> list[torch.utils.hooks.Remo
 
         def zero(mod: nn.Module, _inputs: object, param: str = param,
                  keep: torch.Tensor = keep) -> None:
+            if parametrize.is_parametrized(mod, param):  # under QAT's fake quantization
+                target = getattr(mod.parametrizations, param).original
+            else:
+                target = getattr(mod, param)
             with torch.no_grad():
-                getattr(mod, param).mul_(keep)
+                target.mul_(keep)
 
         handles.append(module.register_forward_pre_hook(zero))
     return handles
