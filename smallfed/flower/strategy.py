@@ -18,6 +18,10 @@ shape of Flower's DP wrappers, and adds what a reproducible, robust run needs:
   the dense arrays they were given), and each reply's payload is decoded into the
   client's delta and added to the global model before the inner strategy averages.
   A payload that does not decode is rejected like any malformed reply.
+* Pruning (``prune``): the global model is pruned to the round's masks before the
+  inner strategy sees it, the masks travel with the train messages, replies hold
+  only unpruned coordinates, and the aggregate is masked again (server momentum,
+  adaptive moments and DP noise move every coordinate).
 """
 
 from __future__ import annotations
