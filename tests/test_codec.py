@@ -140,9 +140,11 @@ def test_sparse_positions_take_the_cheaper_form() -> None:
     assert len(_indices(sparse)) < 40  # about 3 bytes a position, not 12.5 KB of bitmap
 
 
-def test_error_feedback_loses_nothing_over_rounds() -> None:
+@pytest.mark.parametrize("spec", ["topk:0.01,quantize:2,error_feedback",
+                                  "topk:0.05,cluster:3,error_feedback"])
+def test_error_feedback_loses_nothing_over_rounds(spec: str) -> None:
     """sum of what was sent + the final residual == sum of the true updates."""
-    codec = parse_codec("topk:0.01,quantize:2,error_feedback")
+    codec = parse_codec(spec)
     residual, sent_total = None, {k: np.zeros_like(v) for k, v in UPDATE.items()}
     for step in range(6):
         update = {k: v * (1 + step) for k, v in UPDATE.items()}
@@ -241,6 +243,45 @@ def test_bit_packing_and_varints_round_trip() -> None:
 
 def test_empty_tensors_pass_through_every_chain() -> None:
     update = {"empty": np.zeros((0, 4), np.float32), "w": np.ones(10, np.float32)}
-    for spec in ("topk:0.5", "randk:0.5", "quantize:4", "sign", "topk:3:global,fp16"):
+    for spec in ("topk:0.5", "randk:0.5", "quantize:4", "sign", "topk:3:global,fp16", "cluster:4"):
         _, decoded = roundtrip(spec, update)
         assert decoded["empty"].shape == (0, 4)
+
+
+def test_cluster_payload_is_indices_plus_codebook() -> None:
+    """cluster:k, dense: per tensor k float32 shared values + ceil(log2 k)-bit indices."""
+    for k in (2, 3, 16, 256):
+        spec = f"cluster:{k}"
+        payload, decoded = roundtrip(spec)
+        bits = max(1, math.ceil(math.log2(k)))
+
+        def varint_len(n: int) -> int:
+            return len(encode_varints(np.array([n], dtype=np.uint64)))
+
+        header = 3 + 1 + 1 + varint_len(len(spec)) + len(spec) + 8
+        body = varint_len(len(UPDATE))
+        for x in UPDATE.values():
+            body += varint_len(x.ndim) + sum(varint_len(d) for d in x.shape)
+            body += 1 + 1 + varint_len(x.size) + 1 + 1 + varint_len(k)
+            body += 4 * k + (x.size * bits + 7) // 8
+        assert len(payload) == header + body
+        for name, values in decoded.items():  # only codebook values come out
+            assert len(np.unique(values)) <= k
+
+
+def test_cluster_beats_uniform_levels_of_the_same_bits() -> None:
+    """k-means puts levels where the values are: lower error than 4-bit uniform levels."""
+    _, clustered = roundtrip("cluster:16")
+    _, uniform = roundtrip("quantize:4")
+    error = {name: sum(float(np.sum((d[k] - UPDATE[k]) ** 2)) for k in UPDATE)
+             for name, d in (("cluster", clustered), ("uniform", uniform))}
+    assert error["cluster"] < 0.5 * error["uniform"]
+
+
+def test_cluster_index_outside_the_codebook_is_rejected() -> None:
+    update = {"w": np.arange(8, dtype=np.float32)}
+    codec = parse_codec("cluster:3")  # 2-bit indices: the value 3 fits the bits, not k
+    payload, _ = codec.encode(update, seed=0)
+    forged = payload[:-2] + bytes([0xFF, 0xFF])
+    with pytest.raises(PayloadError, match="outside a codebook of 3"):
+        codec.decode(forged, {"w": (8,)})

@@ -21,7 +21,7 @@ UPDATE = {
 }
 TEMPLATE = {k: v.shape for k, v in UPDATE.items()}
 CODECS = ["topk:0.05,quantize:4,zlib", "randk:0.1,fp16", "sign", "topk:0.2,quantize:3:32",
-          "topk:30:global,bf16", "none"]
+          "topk:30:global,bf16", "topk:0.1,cluster:3", "cluster:16", "none"]
 PAYLOADS = {spec: parse_codec(spec).encode(UPDATE, seed=1)[0] for spec in CODECS}
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True)
 

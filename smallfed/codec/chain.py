@@ -8,6 +8,7 @@ A codec is written as a string of comma-separated stages, for example
 ``randk:F``          keep a random fraction F; positions follow from a seed
 ``quantize:B[:N]``   B-bit stochastic quantisation (1..8), one scale per N values
 ``sign``             one bit a value, times the mean magnitude
+``cluster:K``        each value an index into K shared values (1-D k-means), 2..256
 ``fp16`` ``bf16``    16-bit floats
 ``error_feedback``   keep what the lossy stages dropped and add it next round
 ``zlib[:L]``         lossless compression of the packed payload (level L)
@@ -30,6 +31,7 @@ import numpy as np
 
 from smallfed.codec.stages import (
     Cast16,
+    Cluster,
     Quantize,
     RandK,
     Sign,
@@ -142,6 +144,8 @@ def parse_stage(text: str) -> Stage | str:
             return Quantize(int(args[0]), int(args[1]) if len(args) == 2 else 0)
         if name == "sign" and not args:
             return Sign()
+        if name == "cluster" and len(args) == 1:
+            return Cluster(int(args[0]))
         if name in ("fp16", "bf16") and not args:
             return Cast16(name)
         if name in ("error_feedback", "ef") and not args:
@@ -155,7 +159,7 @@ def parse_stage(text: str) -> Stage | str:
         raise CodecError(f"codec stage {text!r}: {err}") from err
     raise CodecError(
         f"codec stage {text!r} is not known; use topk:A[:global], randk:F, quantize:B[:N], "
-        "sign, fp16, bf16, error_feedback or zlib[:L]"
+        "sign, cluster:K, fp16, bf16, error_feedback or zlib[:L]"
     )
 
 
@@ -191,7 +195,7 @@ def chain(*stages: Stage | str) -> Chain:
     )
     if built.error_feedback and not built.lossy:
         raise CodecError("error_feedback needs a lossy stage to correct (topk, randk, "
-                         "quantize, sign, fp16 or bf16)")
+                         "quantize, sign, cluster, fp16 or bf16)")
     return built
 
 

@@ -11,6 +11,8 @@ Error bounds, per value kept (``x`` the input, ``x'`` the decoded value):
 * ``quantize:b``: ``|x' - x| <= (hi - lo) / (2**b - 1)`` for the block's range
   [lo, hi], and ``E[x'] = x`` (stochastic rounding is unbiased).
 * ``sign``: ``x' = sign(x) * mean|x|`` over the tensor (biased; use error feedback).
+* ``cluster:k``: ``x'`` is the nearest of the tensor's k shared values (1-D k-means:
+  each value moves to its cluster's mean; biased, use error feedback).
 * ``topk`` / ``randk``: kept values exact, dropped ones zero (use error feedback).
 """
 
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-KINDS = ("f32", "f16", "bf16", "q", "sign")
+KINDS = ("f32", "f16", "bf16", "q", "sign", "cb")
 
 
 @dataclass
@@ -34,7 +36,7 @@ class TensorCode:
     seeded: bool = False  # positions follow from the payload's seed (randk): not sent
     kind: str = "f32"  # how ``values`` are stored: one of KINDS
     bits: int = 32  # quantize: bits per code
-    block: int = 0  # quantize: values per scale block (0: the whole tensor)
+    block: int = 0  # quantize: values per scale block (0: the whole tensor); cluster: k
     scales: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     @property
@@ -330,3 +332,74 @@ class Sign(Stage):
             out.append(replace(c, values=values, kind="f32", bits=32,
                                scales=np.zeros(0, np.float32)))
         return out
+
+
+class Cluster(Stage):
+    """Parameter sharing: each value becomes an index into a codebook of ``k`` values.
+
+    Per tensor, 1-D k-means (Lloyd's algorithm from quantile starting points) picks k
+    shared values; the payload carries ceil(log2 k)-bit indices and the k float32
+    values, FedZip's coding (Malekijoo et al. 2021) after top-k. Not scikit-learn's
+    KMeans: in one dimension clusters are intervals of the sorted values, so
+    assignment is a binary search between centroid midpoints, deterministic and
+    several times faster on a model's worth of values.
+    """
+
+    name, role = "cluster", "values"
+
+    def __init__(self, k: int, iterations: int = 10) -> None:
+        if not (isinstance(k, int) and 2 <= k <= 256):
+            raise ValueError(f"cluster: k {k!r} must be a whole number from 2 to 256")
+        self.k, self.iterations = k, iterations
+        self.bits = max(1, math.ceil(math.log2(k)))
+
+    @property
+    def spec(self) -> str:
+        return f"cluster:{self.k}"
+
+    def encode(self, codes, rng, seed):  # type: ignore[no-untyped-def]
+        out = []
+        for c in codes:
+            codebook, index = kmeans_1d(c.values.astype(np.float32), self.k, self.iterations)
+            out.append(replace(c, values=index, kind="cb", bits=self.bits, block=self.k,
+                               scales=codebook))
+        return out
+
+    def check(self, codes):  # type: ignore[no-untyped-def]
+        problem = check_layout(codes, "cb", self.bits, self.k)
+        if problem:
+            return problem
+        for i, c in enumerate(codes):
+            if len(c.values) and int(c.values.max()) >= self.k:
+                return f"tensor {i}: index {int(c.values.max())} outside a codebook of {self.k}"
+        return None
+
+    def decode(self, codes, seed):  # type: ignore[no-untyped-def]
+        return [replace(c, values=c.scales[c.values.astype(np.int64)].astype(np.float32),
+                        kind="f32", bits=32, block=0, scales=np.zeros(0, np.float32))
+                for c in codes]
+
+
+def kmeans_1d(values: np.ndarray, k: int, iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codebook of k float32, uint8 index of each value's centroid)."""
+    if len(values) == 0:
+        return np.zeros(k, np.float32), np.zeros(0, np.uint8)
+    ordered = np.sort(values)
+    centroids = np.quantile(ordered, (np.arange(k) + 0.5) / k).astype(np.float64)
+    for _ in range(iterations):
+        index = _nearest(centroids, values)
+        sums = np.bincount(index, weights=values, minlength=k)
+        counts = np.bincount(index, minlength=k)
+        moved = np.where(counts > 0, sums / np.maximum(counts, 1), centroids)
+        moved.sort()  # keeps the midpoints of _nearest in order
+        if np.array_equal(moved, centroids):
+            break
+        centroids = moved
+    codebook = centroids.astype(np.float32)
+    return codebook, _nearest(codebook.astype(np.float64), values).astype(np.uint8)
+
+
+def _nearest(centroids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Index of the nearest of the sorted ``centroids`` for each value."""
+    midpoints = (centroids[1:] + centroids[:-1]) / 2
+    return np.searchsorted(midpoints, values, side="left")

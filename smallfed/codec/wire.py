@@ -9,8 +9,9 @@ Layout (format version 1; integers are LEB128 varints unless a width is given)::
         ndim | dims... | dtype u8 (0 = float32)
         | index mode u8 (0 dense, 1 bitmap, 2 delta varints, 3 seeded) | count
         | [bitmap: ceil(size / 8) bytes] [varints: len(bytes), then the gaps]
-        | kind u8 (0 f32, 1 f16, 2 bf16, 3 quantized, 4 sign) | bits u8 | block
-        | scales (float32; 2 per block for quantized, 1 for sign)
+        | kind u8 (0 f32, 1 f16, 2 bf16, 3 quantized, 4 sign, 5 codebook) | bits u8
+        | block (quantized: values per block; codebook: its size k)
+        | scales (float32; 2 per block for quantized, 1 for sign, k for codebook)
         | values (their size follows from count, kind and bits)
 
 The spec names the stage list, so a payload says how it was made; the server
@@ -118,7 +119,7 @@ def _indices(code: TensorCode) -> bytes:
 
 
 def _values(code: TensorCode) -> bytes:
-    if code.kind in ("q", "sign"):
+    if code.kind in ("q", "sign", "cb"):
         return bitcode.pack_codes(code.values, code.bits)
     dtype = {"f32": "<f4", "f16": "<f2", "bf16": "<u2"}[code.kind]
     return code.values.astype(dtype).tobytes()
@@ -204,9 +205,9 @@ def _tensor(reader: _Reader, shape: tuple[int, ...], position: int) -> TensorCod
         if kind_code >= len(KINDS):
             raise PayloadError(f"{where}: unknown value kind {kind_code}")
         kind = KINDS[kind_code]
-        block = reader.varint(limit=2**32)
+        block = reader.varint(limit=2**32 if kind != "cb" else 256)
         blocks = -(-count // (block or max(count, 1)))
-        n_scales = {"q": 2 * blocks, "sign": 1}.get(kind, 0)
+        n_scales = {"q": 2 * blocks, "sign": 1, "cb": block}.get(kind, 0)
         scales = np.frombuffer(reader.take(4 * n_scales), dtype="<f4").astype(np.float32)
         values = _read_values(reader, kind, bits, count, where)
     except ValueError as err:  # the bit-level decoders' complaints
@@ -220,7 +221,7 @@ def _tensor(reader: _Reader, shape: tuple[int, ...], position: int) -> TensorCod
 
 
 def _read_values(reader: _Reader, kind: str, bits: int, count: int, where: str) -> np.ndarray:
-    if kind in ("q", "sign"):
+    if kind in ("q", "sign", "cb"):
         if not 1 <= bits <= 8 or (kind == "sign" and bits != 1):
             raise PayloadError(f"{where}: {bits} bits is not valid for {kind} values")
         return bitcode.unpack_codes(reader.take((count * bits + 7) // 8), count, bits)
