@@ -46,3 +46,23 @@ def test_bring_your_own_model() -> None:
     assert model_report(model).params == 64 * 10 + 10
     with pytest.raises(ValueError, match="is not in the zoo"):
         build_model("resnet-152", (1, 8, 8), 10, seed=0)
+
+
+def test_shared_block_model_is_small_and_opacus_gets_its_per_sample_gradients() -> None:
+    from opacus import GradSampleModule
+
+    model = build_model("cnn-shared", (1, 28, 28), 10, 0)
+    assert sum(p.numel() for p in model.parameters()) == 10_026  # a tenth of cnn-tiny
+    small = build_model("cnn-shared", (1, 8, 8), 10, 0)
+    x, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 4, 7])
+    expected = []
+    for i in range(3):  # per-sample gradients the slow, sure way
+        small.zero_grad()
+        torch.nn.functional.cross_entropy(small(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        expected.append(small.block[0].weight.grad.clone())
+    wrapped = GradSampleModule(small, loss_reduction="sum")
+    wrapped.zero_grad()
+    torch.nn.functional.cross_entropy(wrapped(x), y, reduction="sum").backward()
+    # The block is used three times: Opacus must add up its three per-sample gradients.
+    torch.testing.assert_close(small.block[0].weight.grad_sample, torch.stack(expected),
+                               atol=1e-5, rtol=1e-4)
