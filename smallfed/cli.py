@@ -72,6 +72,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         ("onnxruntime accuracy", f"{report.onnx_accuracy:.4f}"),
         ("same prediction as torch", f"{report.prediction_agreement:.2%}"),
     ]
+    if report.codebook_bytes is not None:
+        rows.append(("shared layers as indices + codebooks", f"{report.codebook_bytes:,} bytes"))
     for row in rows:
         table.add_row(*row)
     Console().print(table)

@@ -144,6 +144,16 @@ class Config:
         0, "Quantization-aware training: the last N rounds train through int8 rounding "
         "(the int8 export's scheme), so `smallfed export --int8` loses less.", ge=0)
 
+    share_weights: int = _key(
+        0, "Weight sharing (Deep Compression): in the last share-rounds rounds every "
+        "Conv/Linear weight tensor holds at most this many distinct values (2..256; 0: off), "
+        "clustered by the server and fine-tuned by the clients.", ge=0, le=256)
+    share_rounds: int = _key(
+        5, "Weight sharing: the last rounds, which fine-tune the shared values.", ge=1)
+    share_lr: float = _key(
+        1e-4, "Weight sharing: the clients' learning rate in the share rounds. A shared "
+        "value's gradient sums those of all its weights (thousands), so it is far below lr.",
+        gt=0)
     export: str = _key(
         "none", "After the run, export the final model to ONNX in the run folder: none, fp32 "
         "(model.onnx) or int8 (model.int8.onnx); see `smallfed export`.",
@@ -231,6 +241,17 @@ class Config:
         if self.qat_rounds > self.num_server_rounds:
             raise ConfigError(f"qat-rounds: {self.qat_rounds} is more than num-server-rounds "
                               f"({self.num_server_rounds})")
+        if self.share_weights:
+            if self.share_weights < 2 or self.share_rounds > self.num_server_rounds:
+                raise ConfigError(
+                    f"share-weights: {self.share_weights} shared values over share-rounds "
+                    f"{self.share_rounds}: use 2..256 values and at most num-server-rounds "
+                    f"({self.num_server_rounds}) rounds")
+            if self.privacy == "sample" or self.qat_rounds:
+                raise ConfigError(
+                    "share-weights: the shared values are fine-tuned with summed gradients, "
+                    "which DP-SGD's per-sample clipping and QAT's fake quantization replace; "
+                    "set privacy != 'sample' and qat-rounds = 0, or share-weights = 0")
         if self.qat_rounds and self.privacy == "sample":
             raise ConfigError("qat-rounds: quantization-aware training cannot run under "
                               "DP-SGD (Opacus's per-sample gradients need plain Conv/Linear "

@@ -27,6 +27,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from smallfed.compact.sharing import codebook_bytes, shared_names
 from smallfed.compact.shrink import shrink
 from smallfed.config import Config, ConfigError
 from smallfed.data import federated_data
@@ -53,6 +54,9 @@ class ExportReport:
     onnx_accuracy: float
     prediction_agreement: float
     max_logit_difference: float
+    # With share-weights: the shared layers as packed indices plus codebooks, which
+    # ONNX has no type for (the file holds them dequantized, int8 with --int8).
+    codebook_bytes: int | None = None
 
 
 class Pixels(nn.Module):
@@ -194,6 +198,8 @@ def export_run(run_dir: str | Path, output: str | Path, int8: bool = False,
             onnx_accuracy=float((onnx_logits.argmax(1) == labels).mean()),
             prediction_agreement=float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean()),
             max_logit_difference=difference,
+            codebook_bytes=codebook_bytes(checkpoint.global_arrays, shared_names(model))
+            if cfg.share_weights else None,
         )
         os.replace(final, output)
     output.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2) + "\n")

@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from smallfed.codec import Chain, parse_codec
 from smallfed.compact.pruning import Masks, masked_training, read_masks
 from smallfed.compact.qat import fake_quantized, is_qat_round
+from smallfed.compact.sharing import is_share_round, shared_names, shared_training
 from smallfed.config import Config
 from smallfed.data import federated_data
 from smallfed.flower.codec_mod import make_codec_mod
@@ -84,8 +85,12 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
             return train_with_dp(msg, context, config, model, x, y, server_round, masks)
         mu = float(msg.content["config"].get("proximal-mu", 0.0))
         gen = client_generator(config.seed, server_round, pid)
+        shared = []
+        if is_share_round(config, server_round):
+            shared, config = shared_names(model), config.replace(lr=config.share_lr)
         with (torch_threads(CLIENT_THREADS), masked_training(model, masks),
-              fake_quantized(model, is_qat_round(config, server_round))):
+              fake_quantized(model, is_qat_round(config, server_round)),
+              shared_training(model, shared)):
             result = train(model, x, y, config, gen, proximal_mu=mu)
         metrics = MetricRecord({"train-loss": result.loss, NUM_EXAMPLES_KEY: result.num_examples})
         content = RecordDict({ARRAYS_KEY: model_to_record(model), METRICS_KEY: metrics})

@@ -19,6 +19,7 @@ from flwr.supercore import log
 
 from smallfed.codec import parse_codec
 from smallfed.compact.pruning import ServerPruning
+from smallfed.compact.sharing import ServerSharing
 from smallfed.config import Config
 from smallfed.data import federated_data
 from smallfed.flower.checkpoint import (
@@ -83,6 +84,7 @@ def run_server(  # pylint: disable=too-many-arguments
         min_replies=cfg.min_replies,
         user_dp=UserLevelDP(cfg) if cfg.privacy == "user" else None,
         pruning=ServerPruning(cfg, model) if cfg.prune != "none" else None,
+        sharing=ServerSharing(cfg, model) if cfg.share_weights else None,
     )
     metered = MeteredGrid(grid)
     recorder = RunRecorder(

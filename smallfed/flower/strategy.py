@@ -48,6 +48,7 @@ from smallfed.compact.pruning import (
     expand,
     mask_record,
 )
+from smallfed.compact.sharing import ServerSharing
 from smallfed.config import Config
 from smallfed.flower.grids import ForwardingGrid
 from smallfed.privacy.user_dp import UserLevelDP
@@ -143,10 +144,12 @@ class SmallfedStrategy(Strategy):
         self, inner: Strategy, *, clients_per_round: int, fraction_evaluate: float, seed: int,
         codec_up: Chain | None = None, codec_down: Chain | None = None,
         min_replies: int = 1, user_dp: UserLevelDP | None = None,
-        pruning: ServerPruning | None = None, wait_for_nodes_s: float = 600.0,
+        pruning: ServerPruning | None = None, sharing: ServerSharing | None = None,
+        wait_for_nodes_s: float = 600.0,
     ) -> None:
         self.inner = inner
         self.pruning = pruning
+        self.sharing = sharing
         self._masks: Masks = {}  # this round's pruning masks
         self.user_dp = user_dp
         self.min_replies = min_replies
@@ -221,6 +224,10 @@ class SmallfedStrategy(Strategy):
             self._masks = self.pruning.masks_for(server_round, record_arrays(arrays))
             if self._masks:
                 arrays = arrays_record(apply_masks(record_arrays(arrays), self._masks))
+        if self.sharing is not None:
+            shared = self.sharing.prepare(server_round, record_arrays(arrays))
+            if self.sharing.reference is not None:
+                arrays = arrays_record(shared)
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         if self.user_dp is not None:
             allowed, after = self.user_dp.start_round()
@@ -274,23 +281,27 @@ class SmallfedStrategy(Strategy):
         good.sort(key=lambda m: self.partition_of.get(m.metadata.src_node_id, 0))
         keep_common_metrics(good)
         if self.user_dp is not None:
-            return self.masked(*self.aggregate_user_dp(server_round, good))
+            return self.projected(*self.aggregate_user_dp(server_round, good))
         if len(good) < self.min_replies:
             log(ERROR, "Round %d failed: %d usable updates of %d sampled, min-replies is %d; "
                 "the global model stays as it was", server_round, len(good),
                 self.last_round.sampled, self.min_replies)
             return None, None
         self.last_round.aggregated = len(good)
-        return self.masked(*self.inner.aggregate_train(server_round, good))
+        return self.projected(*self.inner.aggregate_train(server_round, good))
 
-    def masked(
+    def projected(
         self, arrays: ArrayRecord | None, metrics: MetricRecord | None
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The aggregate with pruned weights zero again: server momentum, adaptive moments
-        and DP noise move every coordinate, and a pruned weight must stay pruned."""
-        if arrays is None or not self._masks:
+        """The aggregate with pruned weights zero and shared weights shared again: server
+        momentum, adaptive moments, DP noise and lossy codecs move every coordinate."""
+        sharing = self.sharing is not None and self.sharing.reference is not None
+        if arrays is None or not (self._masks or sharing):
             return arrays, metrics
-        return arrays_record(apply_masks(record_arrays(arrays), self._masks)), metrics
+        values = apply_masks(record_arrays(arrays), self._masks)
+        if sharing:
+            values = self.sharing.project(values)
+        return arrays_record(values), metrics
 
     def aggregate_user_dp(
         self, server_round: int, good: list[Message]
