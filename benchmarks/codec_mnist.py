@@ -6,7 +6,7 @@ per client per round, ratio to dense fp32, final accuracy and its change against
 baseline. Then times encode + decode against one client's local training, and the
 codec's throughput on a 1,000,000-parameter update.
 
-    python benchmarks/codec_mnist.py [--rounds 100] [--workers 2] [--codecs ...]
+    python benchmarks/codec_mnist.py [--rounds 100] [--workers 2] [--codecs ...] [--out FILE]
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--codecs", nargs="+", default=CODECS)
+    parser.add_argument("--out", help="default benchmarks/results/codec_mnist_r<rounds>.json")
     args = parser.parse_args()
     cfg = load_config(args.config, []).replace(num_server_rounds=args.rounds)
     jobs = [(cfg.to_dict(), codec) for codec in args.codecs]
@@ -125,7 +126,8 @@ def main() -> None:
               f"{100 * r['codec_share_of_training']:10.2f}% {r['encode_mb_per_s_1m']:9.0f} "
               f"{r['decode_mb_per_s_1m']:9.0f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"codec_mnist_r{args.rounds}.json").write_text(json.dumps(
+    out = Path(args.out) if args.out else RESULTS / f"codec_mnist_r{args.rounds}.json"
+    out.write_text(json.dumps(
         {"config": cfg.to_dict(), "rows": rows,
          "accuracy_per_round": {c: [r["accuracy"] for r in runs[c]["rounds"]] for c in runs}},
         indent=2) + "\n")

@@ -39,6 +39,8 @@ POINTS = {
                             "prune-end-round": 50, "qat-rounds": 10},
     "unstructured-80": {"prune": "unstructured", "prune-sparsity": 0.8,
                         "prune-end-round": 50},
+    "shared-16": {"share-weights": 16, "share-rounds": 10},
+    "shared-4": {"share-weights": 4, "share-rounds": 10},
 }
 
 
