@@ -41,6 +41,7 @@ POINTS = {
                         "prune-end-round": 50},
     "shared-16": {"share-weights": 16, "share-rounds": 10},
     "shared-4": {"share-weights": 4, "share-rounds": 10},
+    "cnn-shared": {"model": "cnn-shared"},
 }
 
 

@@ -79,15 +79,18 @@ class SharedBlockCNN(nn.Module):
                                    nn.GroupNorm(8, channels), nn.ReLU())
         self.pool = nn.MaxPool2d(2)
         self.head = nn.Linear(channels, num_classes)
-        # Pool after a use of the block while the map is at least 4x4 wide.
+        # Halve the map after the stem and after each use of the block while it is at
+        # least 4 wide: the block runs on small maps, so depth stays cheap in compute.
         side, self.pool_after = min(input_shape[1:]), []
-        for _ in range(depth):
+        for _ in range(depth + 1):
             self.pool_after.append(side >= 4)
             side = side // 2 if side >= 4 else side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        for pool in self.pool_after:
+        if self.pool_after[0]:
+            x = self.pool(x)
+        for pool in self.pool_after[1:]:
             x = self.block(x)
             if pool:
                 x = self.pool(x)
