@@ -159,6 +159,18 @@ class Config:
         "(model.onnx) or int8 (model.int8.onnx); see `smallfed export`.",
         choices=("none", "fp32", "int8"))
 
+    # --- devices --------------------------------------------------------------
+    devices: str = _key(
+        "", "Simulated device population, e.g. 'phone-high:0.2,phone-low:0.5,rpi4:0.2,iot:0.1' "
+        "(profiles: smallfed/devices/profiles.py); a client's device follows from its "
+        "partition id and the seed. Empty: no device simulation.")
+    round_deadline_s: float = _key(
+        0.0, "Devices: simulated seconds a round waits; later replies are stragglers' and "
+        "are dropped (0: no deadline).", ge=0)
+    target_accuracy: float = _key(
+        0.97, "Devices: the accuracy whose simulated time-to-target results.json reports.",
+        gt=0, le=1)
+
     # --- privacy --------------------------------------------------------------
     privacy: str = _key(
         "none",
@@ -273,6 +285,13 @@ class Config:
                 f"strategy: DP-FedAvg (privacy = 'user') averages with FedAvg's server step; "
                 f"{self.strategy!r} is not supported with it, use fedavg"
             )
+        if self.devices:
+            from smallfed.devices.profiles import parse_mix  # here: smallfed.devices imports config
+
+            try:
+                parse_mix(self.devices)
+            except ValueError as err:
+                raise ConfigError(f"devices: {err}") from err
         if self.dataset == "mnist" and not self.data_dir:
             raise ConfigError(
                 "data-dir: dataset 'mnist' needs the folder of its IDX files, "

@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 from smallfed.cli import main
-from smallfed.compact.export import macs, run_onnx
+from smallfed.compact.export import run_onnx
 from smallfed.compact.pruning import apply_masks, magnitude_masks
 from smallfed.compact.shrink import shrink
 from smallfed.config import Config
 from smallfed.data import federated_data
-from smallfed.models import build_model
+from smallfed.models import build_model, macs
 from smallfed.simulation import simulate
 
 RUN = Config(num_server_rounds=4, num_clients=4, clients_per_round=4, seed=5, local_epochs=2,

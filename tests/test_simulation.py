@@ -15,7 +15,7 @@ from smallfed.simulation import simulate
 SUMMARY_FIELDS = {"final_accuracy", "best_accuracy", "total_bytes_up", "total_bytes_down",
                   "dense_bytes_up", "dense_bytes_down", "compression_ratio_up",
                   "compression_ratio_down", "epsilon", "delta", "model_params",
-                  "model_fp32_bytes", "wall_time_s"}
+                  "model_fp32_bytes", "wall_time_s", "sim_time_s", "sim_time_to_target_s"}
 
 
 def without_times(results: dict) -> list[dict]:

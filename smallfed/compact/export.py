@@ -32,7 +32,7 @@ from smallfed.compact.shrink import shrink
 from smallfed.config import Config, ConfigError
 from smallfed.data import federated_data
 from smallfed.flower.checkpoint import load
-from smallfed.models import build_model
+from smallfed.models import build_model, macs
 
 FP32_TOLERANCE = 1e-3  # max |logit difference| between torch and onnxruntime
 INT8_TOLERANCE = 0.01  # accuracy points an int8 model may lose before we warn
@@ -68,27 +68,6 @@ class Pixels(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
-
-
-def macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-accumulates of one inference through Conv and Linear layers (dense)."""
-    total = 0
-
-    def count(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(module, nn.Linear):
-            total += module.in_features * module.out_features
-        elif isinstance(module, nn.Conv2d):
-            per_output = module.in_channels // module.groups * int(np.prod(module.kernel_size))
-            total += int(output[0].numel()) * per_output
-
-    handles = [m.register_forward_hook(count) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d))]
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, *input_shape))
-    for handle in handles:
-        handle.remove()
-    return total
 
 
 def to_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:

@@ -23,6 +23,7 @@ from smallfed.compact.qat import fake_quantized, is_qat_round
 from smallfed.compact.sharing import is_share_round, shared_names, shared_training
 from smallfed.config import Config
 from smallfed.data import federated_data
+from smallfed.devices import PROFILES, profile_of, training_memory_bytes
 from smallfed.flower.codec_mod import make_codec_mod
 from smallfed.flower.records import (
     ARRAYS_KEY,
@@ -81,6 +82,9 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         server_round = int(msg.content["config"]["server-round"])
         pid = partition_id(context)
         masks = read_masks(msg.content, model_template(config))
+        refusal = memory_refusal(config, context, model, tuple(x.shape[1:]))
+        if refusal:
+            return decline(msg, refusal)
         if config.privacy == "sample":  # user-level DP is the server's work
             return train_with_dp(msg, context, config, model, x, y, server_round, masks)
         mu = float(msg.content["config"].get("proximal-mu", 0.0))
@@ -119,6 +123,32 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
 DP_HISTORY_KEY = "smallfed-dp-history"
 
 
+def decline(msg: Message, reason: str, **metrics: float) -> Message:
+    """A reply that says, with a reason, that this client does not train this round."""
+    record = MetricRecord({NUM_EXAMPLES_KEY: 0, "declined": 1, **metrics})
+    status = ConfigRecord({"reason": reason})
+    return Message(RecordDict({METRICS_KEY: record, "status": status}), reply_to=msg)
+
+
+def memory_refusal(config: Config, context: Context, model: torch.nn.Module,
+                   input_shape: tuple[int, ...]) -> str:
+    """Why this device cannot train the model (too little memory), or ''.
+
+    The device is the node config's ``device`` on real hardware, else the one its
+    partition id draws from the simulated population.
+    """
+    name = str(context.node_config.get("device", ""))
+    profile = PROFILES.get(name) if name else profile_of(config, partition_id(context))
+    if profile is None:
+        return ""
+    need = training_memory_bytes(model, input_shape, config)  # type: ignore[arg-type]
+    if need <= profile.memory_bytes:
+        return ""
+    return (f"training {config.model} with batch {config.batch_size} needs "
+            f"{need / 2**20:.2f} MiB, device {profile.name} allows {profile.memory_bytes / 2**20:.2f}"
+            " MiB; use a smaller model or batch")
+
+
 def train_with_dp(
     msg: Message, context: Context, config: Config, model: torch.nn.Module,
     x: torch.Tensor, y: torch.Tensor, server_round: int, masks: Masks,
@@ -136,9 +166,7 @@ def train_with_dp(
     context.state[DP_HISTORY_KEY] = ConfigRecord(
         {"noise": list(noise), "rate": list(rate), "steps": list(steps)})
     if outcome.result is None:
-        metrics = MetricRecord({NUM_EXAMPLES_KEY: 0, "declined": 1, "epsilon": outcome.epsilon})
-        status = ConfigRecord({"reason": outcome.declined_reason})
-        return Message(RecordDict({METRICS_KEY: metrics, "status": status}), reply_to=msg)
+        return decline(msg, outcome.declined_reason, epsilon=outcome.epsilon)
     metrics = MetricRecord({
         "train-loss": outcome.result.loss, NUM_EXAMPLES_KEY: outcome.result.num_examples,
         "epsilon": outcome.epsilon, "noise-multiplier": outcome.noise_multiplier,

@@ -8,6 +8,7 @@ metered Grid, and its row recorded.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
@@ -21,6 +22,7 @@ from smallfed.codec import parse_codec
 from smallfed.compact.pruning import ServerPruning
 from smallfed.compact.sharing import ServerSharing
 from smallfed.config import Config
+from smallfed.devices import RoundClock, training_flops_per_sample
 from smallfed.data import federated_data
 from smallfed.flower.checkpoint import (
     Checkpoint,
@@ -85,12 +87,15 @@ def run_server(  # pylint: disable=too-many-arguments
         user_dp=UserLevelDP(cfg) if cfg.privacy == "user" else None,
         pruning=ServerPruning(cfg, model) if cfg.prune != "none" else None,
         sharing=ServerSharing(cfg, model) if cfg.share_weights else None,
+        clock=RoundClock(cfg, training_flops_per_sample(model, dataset.input_shape))
+        if cfg.devices else None,
     )
     metered = MeteredGrid(grid)
     recorder = RunRecorder(
         config=cfg.to_dict(), model_params=report.params, model_fp32_bytes=report.fp32_bytes,
         dense_bytes_per_update=dense,
         delta=cfg.dp_delta if cfg.privacy != "none" else None,
+        target_accuracy=cfg.target_accuracy,
     )
     done = 0
     if resume is not None:
@@ -115,8 +120,13 @@ def run_server(  # pylint: disable=too-many-arguments
             bytes_down=traffic.bytes_down, clients=stats.aggregated,
             clients_failed=stats.failed, updates_rejected=stats.rejected,
             clients_declined=stats.declined, epsilon=spent[0], epsilon_mean=spent[1],
-            sampled=stats.sampled,
+            sampled=stats.sampled, sim_time_s=stats.sim_time_s if strategy.clock else None,
+            clients_finished=stats.finished, clients_dropped=stats.dropped,
+            clients_offline=stats.offline,
         )
+        if strategy.clock is not None:
+            recorder.clients.extend(asdict(row) for row in strategy.clock.rows)
+            strategy.clock.rows.clear()
         save_checkpoint(out, Checkpoint(
             round=server_round, config=cfg.to_dict(), global_arrays=record_arrays(arrays),
             server={"strategy": strategy.state(), "recorder": recorder.state()},

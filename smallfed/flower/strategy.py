@@ -49,6 +49,7 @@ from smallfed.compact.pruning import (
     mask_record,
 )
 from smallfed.compact.sharing import ServerSharing
+from smallfed.devices.clock import Arrival, RoundClock
 from smallfed.config import Config
 from smallfed.flower.grids import ForwardingGrid
 from smallfed.privacy.user_dp import UserLevelDP
@@ -57,6 +58,7 @@ from smallfed.flower.records import (
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     arrays_record,
+    message_array_bytes,
     payload_record,
     record_arrays,
     record_payload,
@@ -98,6 +100,10 @@ class RoundStats:
     failed: int = 0
     rejected: int = 0
     declined: int = 0
+    offline: int = 0  # device simulation: sampled but not online
+    dropped: int = 0  # device simulation: replies past the round's deadline
+    finished: int = 0
+    sim_time_s: float | None = None
 
 
 class _VisibleNodes(ForwardingGrid):
@@ -145,9 +151,10 @@ class SmallfedStrategy(Strategy):
         codec_up: Chain | None = None, codec_down: Chain | None = None,
         min_replies: int = 1, user_dp: UserLevelDP | None = None,
         pruning: ServerPruning | None = None, sharing: ServerSharing | None = None,
-        wait_for_nodes_s: float = 600.0,
+        clock: RoundClock | None = None, wait_for_nodes_s: float = 600.0,
     ) -> None:
         self.inner = inner
+        self.clock = clock
         self.pruning = pruning
         self.sharing = sharing
         self._masks: Masks = {}  # this round's pruning masks
@@ -238,6 +245,8 @@ class SmallfedStrategy(Strategy):
                 self._global = {}
                 return []
         nodes = self.sample(grid, server_round, self.clients_per_round, purpose=0)
+        if self.clock is not None:
+            nodes = self.clock.online(server_round, nodes, self.partition_of)
         self.last_round = RoundStats(sampled=len(nodes))
         messages = list(self.inner.configure_train(
             server_round, arrays, config, _VisibleNodes(grid, nodes)))
@@ -254,13 +263,15 @@ class SmallfedStrategy(Strategy):
             masks = mask_record(self._masks)
             for message in messages:
                 message.content[MASK_RECORD] = masks
+        if self.clock is not None:
+            self.clock.sent({m.metadata.dst_node_id: message_array_bytes(m) for m in messages})
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        replies = list(replies)
+        replies = self.on_time(server_round, list(replies))
         good = []
         for reply in replies:
             if reply.has_error():
@@ -289,6 +300,28 @@ class SmallfedStrategy(Strategy):
             return None, None
         self.last_round.aggregated = len(good)
         return self.projected(*self.inner.aggregate_train(server_round, good))
+
+    def on_time(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Without device simulation, every reply; with it, those before the deadline."""
+        if self.clock is None:
+            return replies
+        arrivals = []
+        for reply in replies:
+            examples = 0.0
+            if not reply.has_error():
+                value = reply.content.metric_records.get(METRICS_KEY, {}).get(NUM_EXAMPLES_KEY)
+                examples = float(value) if positive_number(value) else 0.0
+            node = reply.metadata.src_node_id
+            arrivals.append(Arrival(node, self.partition_of.get(node, -1), reply.has_error(),
+                                    message_array_bytes(reply), examples))
+        kept = self.clock.finish(server_round, arrivals)
+        timing = self.clock.last
+        self.last_round.offline, self.last_round.dropped = timing.offline, timing.dropped
+        self.last_round.finished, self.last_round.sim_time_s = timing.finished, timing.sim_time_s
+        if timing.dropped:
+            log(INFO, "Round %d: %d stragglers past the %.1f s deadline dropped", server_round,
+                timing.dropped, self.clock.cfg.round_deadline_s)
+        return [r for r in replies if r.metadata.src_node_id in kept]
 
     def projected(
         self, arrays: ArrayRecord | None, metrics: MetricRecord | None

@@ -8,6 +8,7 @@ for 8x8 digits and 28x28 MNIST. Bring your own model by naming a
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -143,3 +144,45 @@ class ModelReport:
 def model_report(model: nn.Module) -> ModelReport:
     params = sum(p.numel() for p in model.parameters())
     return ModelReport(params=params, fp32_bytes=4 * params)
+
+
+def macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one inference through Conv and Linear layers (dense)."""
+    total = 0
+
+    def count(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+        elif isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+            total += int(output[0].numel()) * per_output
+
+    _one_pass(model, input_shape, count)
+    return total
+
+
+def activation_count(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Values the leaf layers output for one sample: what training keeps for backward."""
+    total = 0
+
+    def count(module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        nonlocal total
+        if not list(module.children()):
+            total += int(output[0].numel())
+
+    _one_pass(model, input_shape, count)
+    return total
+
+
+def _one_pass(model: nn.Module, input_shape: tuple[int, ...], hook: Callable) -> None:
+    """One sample through ``model`` in eval mode with ``hook`` on every module's output."""
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()

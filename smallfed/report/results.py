@@ -10,14 +10,21 @@ Schema version 1 (README "Results"):
   round), ``clients`` (train replies aggregated), ``clients_failed``,
   ``updates_rejected``, ``clients_declined`` (clients whose privacy budget was spent),
   ``epsilon`` and ``epsilon_mean`` (the largest and mean epsilon, at the run's delta,
-  over every client that has trained so far; null without DP) and ``wall_time_s``
-  (seconds the round took).
+  over every client that has trained so far; null without DP), ``wall_time_s``
+  (seconds the round took) and, with device simulation (``devices``), ``sim_time_s``
+  (the round's simulated duration), ``clients_finished``, ``clients_dropped`` (past
+  the deadline) and ``clients_offline`` (null and 0 without it).
 * ``summary``: ``final_accuracy``, ``best_accuracy``, ``total_bytes_up``,
-  ``total_bytes_down``, ``dense_bytes_up`` (what the aggregated updates would have
-  cost as dense fp32 arrays), ``dense_bytes_down`` (the same for the models sent to
+  ``total_bytes_down``, ``dense_bytes_up`` (what the aggregated updates, and the
+  stragglers' dropped ones, would have cost as dense fp32 arrays), ``dense_bytes_down`` (the same for the models sent to
   the sampled clients), ``compression_ratio_up`` (dense_bytes_up / total_bytes_up),
   ``compression_ratio_down``, ``epsilon`` and ``delta`` (the run's privacy guarantee;
-  null without DP), ``model_params``, ``model_fp32_bytes``, ``wall_time_s``.
+  null without DP), ``model_params``, ``model_fp32_bytes``, ``wall_time_s``,
+  ``sim_time_s`` (total simulated time) and ``sim_time_to_target_s`` (simulated time
+  until ``target-accuracy`` was first reached; null if never, or without devices).
+
+With device simulation ``clients.csv`` has a row per sampled client and round: its
+device, status, bytes each way and simulated compute, transfer and total seconds.
 
 Later features add fields; they never change the meaning of one.
 """
@@ -35,6 +42,7 @@ SCHEMA_VERSION = 1
 ROUND_FIELDS = (
     "round", "accuracy", "loss", "bytes_up", "bytes_down", "clients", "clients_failed",
     "updates_rejected", "clients_declined", "epsilon", "epsilon_mean", "wall_time_s",
+    "sim_time_s", "clients_finished", "clients_dropped", "clients_offline",
 )
 
 
@@ -52,6 +60,10 @@ class RoundRecord:
     epsilon: float | None
     epsilon_mean: float | None
     wall_time_s: float
+    sim_time_s: float | None = None
+    clients_finished: int = 0
+    clients_dropped: int = 0
+    clients_offline: int = 0
 
 
 @dataclass
@@ -63,7 +75,9 @@ class RunRecorder:
     model_fp32_bytes: int
     dense_bytes_per_update: int
     delta: float | None = None
+    target_accuracy: float = 1.0
     rounds: list[RoundRecord] = field(default_factory=list)
+    clients: list[dict[str, Any]] = field(default_factory=list)  # clients.csv rows
     models_sent: int = 0
     elapsed_before: float = 0.0  # seconds spent before a resume
     started: float = field(default_factory=time.perf_counter)
@@ -84,16 +98,17 @@ class RunRecorder:
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the recorder (JSON)."""
         return {"rounds": [asdict(r) for r in self.rounds], "models_sent": self.models_sent,
-                "elapsed_s": self.elapsed()}
+                "elapsed_s": self.elapsed(), "clients": self.clients}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.rounds = [RoundRecord(**row) for row in state["rounds"]]
         self.models_sent = int(state["models_sent"])
         self.elapsed_before = float(state["elapsed_s"])
+        self.clients = list(state["clients"])
 
     def results(self) -> dict[str, Any]:
         final = self.rounds[-1] if self.rounds else None
-        updates = sum(r.clients for r in self.rounds)
+        updates = sum(r.clients + r.clients_dropped for r in self.rounds)  # all that uploaded
         up = sum(r.bytes_up for r in self.rounds)
         down = sum(r.bytes_down for r in self.rounds)
         dense_up = updates * self.dense_bytes_per_update
@@ -112,6 +127,7 @@ class RunRecorder:
             "model_params": self.model_params,
             "model_fp32_bytes": self.model_fp32_bytes,
             "wall_time_s": round(self.elapsed(), 3),
+            **self.simulated_time(),
         }
         return {
             "schema_version": SCHEMA_VERSION,
@@ -119,6 +135,17 @@ class RunRecorder:
             "rounds": [asdict(r) for r in self.rounds],
             "summary": summary,
         }
+
+    def simulated_time(self) -> dict[str, float | None]:
+        """Total simulated time, and when target-accuracy was first reached (devices only)."""
+        if not any(r.sim_time_s is not None for r in self.rounds):
+            return {"sim_time_s": None, "sim_time_to_target_s": None}
+        elapsed, to_target = 0.0, None
+        for r in self.rounds:
+            elapsed += r.sim_time_s or 0.0
+            if to_target is None and r.accuracy >= self.target_accuracy:
+                to_target = round(elapsed, 3)
+        return {"sim_time_s": round(elapsed, 3), "sim_time_to_target_s": to_target}
 
     def write(self, out_dir: str | Path) -> dict[str, Any]:
         """Write results.json and rounds.csv into ``out_dir``; return the results."""
@@ -130,4 +157,9 @@ class RunRecorder:
             writer = csv.DictWriter(fh, fieldnames=ROUND_FIELDS)
             writer.writeheader()
             writer.writerows(results["rounds"])
+        if self.clients:
+            with open(out / "clients.csv", "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(self.clients[0]))
+                writer.writeheader()
+                writer.writerows(self.clients)
         return results

@@ -1,0 +1,44 @@
+"""Which device each client is, and what training the model costs it.
+
+In simulation a client's profile follows from its partition id and the run's seed
+(the ``devices`` mix); on a real device its node config names it (``device``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from smallfed.config import Config
+from smallfed.devices.profiles import PROFILES, DeviceProfile, parse_mix
+from smallfed.models import activation_count, macs
+
+# Training one sample costs a forward pass (2 FLOPs a multiply-accumulate) and a
+# backward pass of about twice that: 6 FLOPs a MAC (Kaplan et al. 2020, "Scaling
+# Laws", the C = 6N rule per token).
+FLOPS_PER_MAC_TRAINED = 6
+
+
+def profile_of(cfg: Config, partition_id: int) -> DeviceProfile | None:
+    """The device a simulated client is: drawn from the mix by (seed, partition id)."""
+    mix = parse_mix(cfg.devices)
+    if not mix:
+        return None
+    rng = np.random.default_rng([cfg.seed, max(partition_id, 0), 17])
+    names = sorted(mix)
+    return PROFILES[names[rng.choice(len(names), p=[mix[n] for n in names])]]
+
+
+def training_flops_per_sample(model: nn.Module, input_shape: tuple[int, int, int]) -> float:
+    return FLOPS_PER_MAC_TRAINED * macs(model, input_shape)
+
+
+def training_memory_bytes(model: nn.Module, input_shape: tuple[int, int, int],
+                          cfg: Config) -> int:
+    """fp32 bytes training needs: weights, gradients, optimizer state, and the
+    activations of one batch kept for the backward pass (inputs included)."""
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = 2 if cfg.optimizer == "adam" else (1 if cfg.momentum > 0 else 0)
+    activations = (activation_count(model, input_shape)
+                   + int(np.prod(input_shape))) * cfg.batch_size
+    return 4 * (params * (2 + optimizer) + activations)
