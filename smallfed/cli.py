@@ -38,8 +38,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if args.out and Path(args.out) != Path(args.resume):
             raise ConfigError("--resume DIR writes into DIR; drop --out")
         out = Path(args.resume)
-        saved = Config.from_mapping(load(out).config)
-        cfg = load_config(args.config, args.set) if args.config or args.set else saved
+        saved = load(out).config
+        if args.config:
+            cfg = load_config(args.config, args.set)
+        else:  # --set changes the checkpoint's own configuration (and is refused if it does)
+            cfg = Config.from_mapping({**saved, **dict(parse_override(o) for o in args.set)})
     else:
         cfg = load_config(args.config, args.set)
         out = Path(args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))

@@ -133,8 +133,9 @@ class Config:
         choices=("none", "unstructured", "structured"),
     )
     prune_sparsity: float = _key(
-        0.5, "Pruning: the share of Conv/Linear weights pruned at the end of the schedule.",
-        ge=0, lt=1)
+        0.5, "Pruning: at the end of the schedule, the share of Conv/Linear weights pruned "
+        "(unstructured), or of each layer's channels (structured; the next layer loses their "
+        "inputs too, so more weights are zero).", ge=0, lt=1)
     prune_start_round: int = _key(1, "Pruning: the first round that trains a pruned model.", ge=1)
     prune_end_round: int = _key(
         0, "Pruning: the round that reaches prune-sparsity (Zhu and Gupta's cubic schedule); "

@@ -72,3 +72,34 @@ def test_resume_without_a_checkpoint_fails_clearly(tmp_path: Path, capsys) -> No
     assert main(["simulate", "--resume", str(tmp_path), "--no-progress"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_stop_between_the_renames_keeps_the_previous_checkpoint(uninterrupted, tmp_path) -> None:
+    import shutil
+
+    _, whole_dir = uninterrupted
+    shutil.copytree(whole_dir / "checkpoint", tmp_path / "checkpoint.old")  # no checkpoint/
+    assert load(tmp_path).round == 4
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="the checkpoint is unreadable"):
+        load(tmp_path)
+
+
+def test_ray_refuses_to_resume_client_state_it_cannot_save(uninterrupted) -> None:
+    from smallfed.flower.checkpoint import check_resumable
+
+    _, whole_dir = uninterrupted
+    saved = load(whole_dir)
+    for codec in ("topk:0.1,error_feedback", "topk:0.1,ef"):
+        cfg = Config(backend="ray", codec=codec)
+        saved.config = cfg.to_dict()
+        with pytest.raises(ConfigError, match="client state .* is not checkpointed"):
+            check_resumable(cfg, saved)
+
+
+def test_resume_with_set_changes_the_checkpoints_configuration(uninterrupted, capsys) -> None:
+    _, whole_dir = uninterrupted
+    code = main(["simulate", "--resume", str(whole_dir), "--set", "lr=0.5", "--no-progress"])
+    error = capsys.readouterr().err
+    assert code == 2 and "(lr: 0.05 in the checkpoint, 0.5 given)" in error

@@ -103,11 +103,19 @@ def test_clients_train_with_masked_weights_that_stay_zero(private: bool) -> None
     model = build_model("cnn-tiny", (1, 8, 8), 10, 0)
     masks = magnitude_masks(model, 0.7, structured=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen_live = []  # every forward pass during training must see the pruned weights zero
+
+    def check(module: torch.nn.Module, _inputs: object, _output: object) -> None:
+        seen_live.append(bool(module.weight.detach()[~torch.from_numpy(masks["9.weight"])].any()))
+
+    handle = model[9].register_forward_hook(check)
     with masked_training(model, masks):
         if private:  # Opacus's per-sample gradients work with the in-place masks
-            train_private(model, x, y, cfg, 0, [])
+            train_private(model, x, y, cfg, 0, [], masks)
         else:
             train(model, x, y, cfg, client_generator(0, 1, 0))
+    handle.remove()
+    assert len(seen_live) > 1 and not any(seen_live)
     state = model.state_dict()
     for name, mask in masks.items():
         assert (state[name].numpy()[~mask] == 0).all()
@@ -128,3 +136,12 @@ def test_masks_round_trip_and_compacted_updates_expand_exactly() -> None:
         unpack_masks({"w": np.zeros(5, np.uint8)}, template)
     with pytest.raises(ValueError, match="does not have"):
         unpack_masks({"x": np.zeros(2, np.uint8)}, template)
+
+
+def test_structured_pruning_refuses_models_it_cannot_follow() -> None:
+    from smallfed.compact.pruning import ServerPruning
+
+    model = build_model("cnn-shared", (1, 8, 8), 10, 0)  # one block used three times
+    with pytest.raises(ConfigError, match="prune: structured pruning follows channels"):
+        ServerPruning(Config(model="cnn-shared", prune="structured"), model)
+    ServerPruning(Config(model="cnn-shared", prune="unstructured"), model)  # fine

@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from smallfed.config import Config
+from smallfed.config import Config, ConfigError
 
 Masks = dict[str, np.ndarray]  # state-dict name -> bool array, True where the weight lives
 MASK_RECORD = "smallfed-mask"
@@ -232,6 +232,13 @@ class ServerPruning:
     """The server's side: this round's masks from the global model and the schedule."""
 
     def __init__(self, cfg: Config, model: nn.Module) -> None:
+        from smallfed.compact.shrink import can_shrink
+
+        if cfg.prune == "structured" and not can_shrink(model):
+            raise ConfigError(
+                f"prune: structured pruning follows channels from layer to layer and needs "
+                f"a plain nn.Sequential of Conv2d, Linear, GroupNorm, Flatten and activations; "
+                f"{cfg.model!r} is not one (it may reuse a layer); use prune = 'unstructured'")
         self.cfg = cfg
         self.model = copy.deepcopy(model)  # scratch: loaded with the global model each round
 

@@ -9,7 +9,8 @@ so every weight of a cluster takes the same step and the cluster stays one value
 Nothing else needs sending: equal values are the index map, which server and client
 read off the weights (``np.unique``). After aggregation the server sets each cluster
 to the mean of its aggregated values, so a lossy codec, DP noise or server momentum
-cannot split a cluster: a layer never holds more than k distinct values.
+cannot split a cluster: a layer never holds more than k distinct values (plus zero,
+where pruning left zeros: pruned weights stay zero and out of the clusters).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,9 @@ import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
+from google.protobuf.message import DecodeError
 
+from smallfed.codec import parse_codec
 from smallfed.config import Config, ConfigError
 from smallfed.flower.records import arrays_record
 
@@ -96,6 +99,7 @@ def save(out_dir: str | Path, ckpt: Checkpoint) -> Path:
              "strategy_kinds": kinds, "server": ckpt.server}
     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     old = final.with_name(CHECKPOINT_DIR + ".old")
+    shutil.rmtree(old, ignore_errors=True)  # left by a stop during the last cleanup
     if final.exists():
         final.rename(old)
     tmp.rename(final)
@@ -104,11 +108,24 @@ def save(out_dir: str | Path, ckpt: Checkpoint) -> Path:
 
 
 def load(run_dir: str | Path) -> Checkpoint:
-    """The checkpoint of a run folder; ConfigError if there is none or it is unreadable."""
+    """The checkpoint of a run folder; ConfigError if there is none or it is unreadable.
+
+    A run stopped between :func:`save`'s two renames left only ``checkpoint.old``,
+    the previous checkpoint, whole: that one is read.
+    """
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not (folder / "state.json").is_file():
-        raise ConfigError(f"{run_dir}: no checkpoint ({folder}/state.json is missing); "
-                          "name the folder of a run that `smallfed simulate` wrote")
+        folder = folder.with_name(CHECKPOINT_DIR + ".old")
+    if not (folder / "state.json").is_file():
+        raise ConfigError(f"{run_dir}: no checkpoint ({Path(run_dir) / CHECKPOINT_DIR}/state.json "
+                          "is missing); name the folder of a run that `smallfed simulate` wrote")
+    try:
+        return _read(folder)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, DecodeError) as err:
+        raise ConfigError(f"{folder}: the checkpoint is unreadable ({err})") from err
+
+
+def _read(folder: Path) -> Checkpoint:
     state = json.loads((folder / "state.json").read_text())
     if state.get("format") != FORMAT_VERSION:
         raise ConfigError(f"{folder}: checkpoint format {state.get('format')!r}, this smallfed "
@@ -143,7 +160,7 @@ def check_resumable(cfg: Config, ckpt: Checkpoint) -> None:
                             for k in differ[:5])
         raise ConfigError(f"cannot resume with a different configuration ({changes}); resume "
                           "without --config/--set to use the checkpoint's own")
-    stateful = cfg.privacy == "sample" or "error_feedback" in cfg.codec
+    stateful = cfg.privacy == "sample" or parse_codec(cfg.codec).error_feedback
     if cfg.backend == "ray" and stateful:
         raise ConfigError("backend = ray: client state (DP-SGD accountants, error-feedback "
                           "residuals) lives in Ray's actors and is not checkpointed; resume "

@@ -161,7 +161,7 @@ def train_with_dp(
     seed = secrets.randbits(63) if not config.dp_reproducible else int(np.random.SeedSequence(
         [config.seed, server_round, partition_id(context) + 1, 7]).generate_state(1)[0])
     with torch_threads(CLIENT_THREADS), masked_training(model, masks):
-        outcome = train_private(model, x, y, config, seed, history)
+        outcome = train_private(model, x, y, config, seed, history, masks)
     noise, rate, steps = zip(*outcome.history) if outcome.history else ((), (), ())
     context.state[DP_HISTORY_KEY] = ConfigRecord(
         {"noise": list(noise), "rate": list(rate), "steps": list(steps)})

@@ -158,6 +158,7 @@ class SmallfedStrategy(Strategy):
         self.pruning = pruning
         self.sharing = sharing
         self._masks: Masks = {}  # this round's pruning masks
+        self._round_model: ArrayRecord | None = None
         self.user_dp = user_dp
         self.min_replies = min_replies
         self.codec_up = codec_up or chain()
@@ -236,6 +237,7 @@ class SmallfedStrategy(Strategy):
             if self.sharing.reference is not None:
                 arrays = arrays_record(shared)
         self._expected = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        self._round_model = arrays  # pruned and shared: kept even if the round fails
         if self.user_dp is not None:
             allowed, after = self.user_dp.start_round()
             if not allowed:
@@ -297,7 +299,9 @@ class SmallfedStrategy(Strategy):
             log(ERROR, "Round %d failed: %d usable updates of %d sampled, min-replies is %d; "
                 "the global model stays as it was", server_round, len(good),
                 self.last_round.sampled, self.min_replies)
-            return None, None
+            # As it was, pruned and shared as this round's schedule says.
+            changed = self._masks or (self.sharing and self.sharing.reference is not None)
+            return (self._round_model, None) if changed else (None, None)
         self.last_round.aggregated = len(good)
         return self.projected(*self.inner.aggregate_train(server_round, good))
 
@@ -334,7 +338,10 @@ class SmallfedStrategy(Strategy):
         values = apply_masks(record_arrays(arrays), self._masks)
         if sharing:
             values = self.sharing.project(values)
-        return arrays_record(values), metrics
+        result = arrays_record(values)
+        if isinstance(getattr(self.inner, "current_arrays", None), ArrayRecord):
+            self.inner.current_arrays = result  # FedAvgM steps from the model it stored
+        return result, metrics
 
     def aggregate_user_dp(
         self, server_round: int, good: list[Message]

@@ -145,11 +145,18 @@ def _rdp_per_step(noise: float, rate: float) -> np.ndarray:
 
 def train_private(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, seed: int,
-    history: History,
+    history: History, masks: dict[str, np.ndarray] | None = None,
 ) -> PrivateRound:
-    """One round of DP-SGD, or a refusal if it would pass the budget."""
+    """One round of DP-SGD, or a refusal if it would pass the budget.
+
+    With pruning ``masks``, the per-sample gradients of pruned weights are zeroed before
+    clipping: they would be thrown away anyway, and counting them in each sample's norm
+    would clip the useful part harder for the same noise.
+    """
     n = len(y)
     noise = noise_for(cfg, n)
+    params = dict(model.named_parameters())
+    pruned = [(params[k], torch.from_numpy(m)) for k, m in (masks or {}).items()]
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # Poisson sampling and noise draw from torch's generator
         engine = PrivacyEngine(accountant=cfg.dp_accountant, secure_mode=cfg.dp_secure_rng)
@@ -174,6 +181,9 @@ def train_private(
                 optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(module(xb), yb)
                 loss.backward()
+                for param, keep in pruned:
+                    if param.grad_sample is not None:
+                        param.grad_sample.mul_(keep)
                 optimizer.step()
                 total += float(loss.detach()) if len(yb) else 0.0
                 steps += 1
