@@ -95,6 +95,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from smallfed.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.config)
+    table = run_sweep(sweep, progress=not args.no_progress)
+    Console().print(f"{len(sweep.points)} points: {table}; plots: smallfed report {sweep.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from smallfed.report.tradeoff import write_report
+
+    Console().print(f"report: {write_report(args.dir)}")
+    return 0
+
+
 def cmd_keys(_: argparse.Namespace) -> int:
     table = Table(title="smallfed configuration keys")
     for name in ("key", "default", "meaning"):
@@ -129,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a folder of images or an .npy array (N, C, H, W) in [0, 1]")
     pred.add_argument("--output", help="CSV file (default: print)")
     pred.set_defaults(func=cmd_predict)
+    sweep = sub.add_parser("sweep", help="run a grid of simulations (skips finished points)")
+    sweep.add_argument("--config", required=True, help="a sweep file, e.g. "
+                       "simulations/sweep-tradeoff.toml")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sweep.set_defaults(func=cmd_sweep)
+    report = sub.add_parser("report", help="trade-off plots and report.md of a sweep")
+    report.add_argument("dir", help="the sweep's out folder")
+    report.set_defaults(func=cmd_report)
     keys = sub.add_parser("keys", help="list every configuration key")
     keys.set_defaults(func=cmd_keys)
     return parser

@@ -1,0 +1,156 @@
+"""The trade-off workbench: a grid of runs (codec x privacy x pruning x devices x seeds).
+
+A sweep file names a base run configuration, the seeds, and axes of named options;
+every combination is one point, a complete simulation in its own folder::
+
+    base = "simulations/mnist.toml"
+    seeds = [42, 43]
+    out = "runs/sweep-tradeoff"
+    workers = 2                    # points at once (default: the machine's cores)
+    [set]                          # changes to the base for every point
+    num-server-rounds = 30
+    [axes.codec]
+    dense = {}
+    topk-4bit = {codec = "topk:0.01,quantize:4,error_feedback"}
+    [axes.privacy]
+    none = {}
+    eps-8 = {privacy = "sample", dp-target-epsilon = 8.0}
+
+Every point's configuration is checked before any runs. A point whose folder holds
+its results (with the same configuration) is not run again, so a stopped sweep
+restarts where it stopped. ``sweep.csv`` has one row per point.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import multiprocessing
+import os
+import tomllib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from smallfed.config import Config, ConfigError
+
+SWEEP_FIELDS = ("point", "seed", "final_accuracy", "best_accuracy", "total_bytes_up",
+                "compression_ratio_up", "epsilon", "sim_time_s", "sim_time_to_target_s",
+                "wall_time_s")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of the grid: its name, its axis options, and its configuration."""
+
+    name: str
+    options: dict[str, str]  # axis -> option name
+    seed: int
+    config: Config
+
+
+@dataclass(frozen=True)
+class Sweep:
+    out: Path
+    workers: int
+    axes: tuple[str, ...]
+    points: tuple[Point, ...]
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """The grid of a sweep file, every point checked; ConfigError naming what is wrong."""
+    path = Path(path)
+    try:
+        spec = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"sweep file {str(path)!r}: {err}") from err
+    unknown = set(spec) - {"base", "seeds", "out", "workers", "set", "axes"}
+    if unknown:
+        raise ConfigError(f"sweep file {path}: unknown entries {sorted(unknown)}")
+    base_file = spec.get("base")
+    base: dict[str, Any] = {}
+    if base_file:
+        try:
+            base = tomllib.loads(Path(base_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"sweep base {base_file!r}: {err}") from err
+    base.update(spec.get("set", {}))
+    axes: dict[str, dict[str, dict[str, Any]]] = spec.get("axes", {})
+    if not axes or any(not isinstance(o, dict) or not o for o in axes.values()):
+        raise ConfigError(f"sweep file {path}: give at least one [axes.NAME] table of options")
+    seeds = spec.get("seeds", [base.get("seed", 42)])
+    points = []
+    for combo in itertools.product(*(list(options.items()) for options in axes.values())):
+        for seed in seeds:
+            values = dict(base)
+            for _, changes in combo:
+                values.update(changes)
+            values["seed"] = seed
+            options = {axis: option for axis, (option, _) in zip(axes, combo)}
+            name = ",".join(f"{a}={o}" for a, o in options.items()) + f",seed={seed}"
+            try:
+                cfg = Config.from_mapping(values)
+            except ConfigError as err:
+                raise ConfigError(f"sweep point {name}: {err}") from err
+            points.append(Point(name, options, seed, cfg))
+    workers = int(spec.get("workers", os.cpu_count() or 1))
+    return Sweep(Path(spec.get("out", f"runs/sweep-{path.stem}")), max(1, workers),
+                 tuple(axes), tuple(points))
+
+
+def point_dir(sweep: Sweep, point: Point) -> Path:
+    return sweep.out / "points" / point.name.replace(",", "__").replace("=", "-")
+
+
+def finished(sweep: Sweep, point: Point) -> dict[str, Any] | None:
+    """The point's results if it has run with this very configuration, else None."""
+    results_file = point_dir(sweep, point) / "results.json"
+    if not results_file.is_file():
+        return None
+    results = json.loads(results_file.read_text())
+    return results if results.get("config") == point.config.to_dict() else None
+
+
+def _run_point(args: tuple[Config, str]) -> dict[str, Any]:
+    from smallfed.simulation import simulate  # in the worker process
+
+    cfg, out = args
+    return simulate(cfg, out, progress=False)
+
+
+def run_sweep(sweep: Sweep, progress: bool = True) -> Path:
+    """Run the points not yet finished, up to ``workers`` at once; write sweep.csv."""
+    results = {p.name: finished(sweep, p) for p in sweep.points}
+    todo = [p for p in sweep.points if results[p.name] is None]
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), disable=not progress)
+    with bar:
+        task = bar.add_task("sweep points", total=len(sweep.points),
+                            completed=len(sweep.points) - len(todo))
+        # spawn, not fork: a forked child of a process that ran torch can deadlock.
+        with ProcessPoolExecutor(min(sweep.workers, max(1, len(todo))),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = {pool.submit(_run_point, (p.config, str(point_dir(sweep, p)))): p
+                    for p in todo}
+            for job in as_completed(jobs):
+                point = jobs[job]
+                results[point.name] = job.result()
+                bar.update(task, advance=1, description=f"done {point.name}")
+    return write_table(sweep, results)
+
+
+def write_table(sweep: Sweep, results: dict[str, dict[str, Any] | None]) -> Path:
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    table = sweep.out / "sweep.csv"
+    with open(table, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*sweep.axes, *SWEEP_FIELDS])
+        writer.writeheader()
+        for point in sweep.points:
+            summary = results[point.name]["summary"]  # type: ignore[index]
+            writer.writerow({**point.options, "point": point.name, "seed": point.seed,
+                             **{k: summary.get(k) for k in SWEEP_FIELDS[2:]}})
+    return table

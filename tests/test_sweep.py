@@ -1,0 +1,80 @@
+"""The trade-off workbench: a small grid runs, resumes without recomputing, and plots."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from smallfed.cli import main
+from smallfed.config import ConfigError
+from smallfed.report.tradeoff import pareto_front
+from smallfed.sweep import load_sweep, point_dir
+
+SWEEP = """
+seeds = [3]
+out = "{out}"
+workers = 2
+[set]
+num-server-rounds = 1
+num-clients = 4
+clients-per-round = 4
+local-epochs = 1
+batch-size = 32
+[axes.codec]
+dense = {{}}
+sign = {{codec = "sign,error_feedback"}}
+[axes.devices]
+none = {{}}
+rpi = {{devices = "rpi4:1", target-accuracy = 0.1}}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.toml"
+    path.write_text(text.format(out=tmp_path / "out"))
+    return path
+
+
+def test_pareto_front_keeps_points_nothing_beats() -> None:
+    points = [(1.0, 0.5), (2.0, 0.9), (3.0, 0.8), (0.5, 0.4), (2.0, 0.7)]
+    assert pareto_front(points) == [3, 0, 1]
+
+
+def test_a_small_sweep_runs_resumes_and_reports(tmp_path: Path) -> None:
+    config = write(tmp_path, SWEEP)
+    assert main(["sweep", "--config", str(config), "--no-progress"]) == 0
+    out = tmp_path / "out"
+    with open(out / "sweep.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["point"] for r in rows] == [
+        "codec=dense,devices=none,seed=3", "codec=dense,devices=rpi,seed=3",
+        "codec=sign,devices=none,seed=3", "codec=sign,devices=rpi,seed=3"]
+    by_point = {r["point"]: r for r in rows}
+    assert int(by_point["codec=sign,devices=none,seed=3"]["total_bytes_up"]) < int(
+        by_point["codec=dense,devices=none,seed=3"]["total_bytes_up"]) / 20
+    assert by_point["codec=dense,devices=none,seed=3"]["sim_time_s"] == ""  # no devices
+    assert float(by_point["codec=dense,devices=rpi,seed=3"]["sim_time_s"]) > 0
+
+    sweep = load_sweep(config)
+    stamps = {p.name: (point_dir(sweep, p) / "results.json").stat().st_mtime_ns
+              for p in sweep.points}
+    assert main(["sweep", "--config", str(config), "--no-progress"]) == 0  # all finished
+    assert stamps == {p.name: (point_dir(sweep, p) / "results.json").stat().st_mtime_ns
+                      for p in sweep.points}
+
+    assert main(["report", str(out)]) == 0
+    assert (out / "accuracy_vs_bytes.png").stat().st_size > 1000
+    assert (out / "accuracy_vs_time.png").is_file()
+    assert not (out / "accuracy_vs_epsilon.png").exists()  # no private point
+    report = (out / "report.md").read_text()
+    assert "![upload bytes (total)](accuracy_vs_bytes.png)" in report
+
+
+def test_a_bad_point_fails_before_any_run(tmp_path: Path) -> None:
+    config = write(tmp_path, SWEEP.replace('rpi4:1"', 'rpi4:1", lr = -1.0'))
+    with pytest.raises(ConfigError, match="sweep point codec=dense,devices=rpi,seed=3: lr"):
+        load_sweep(config)
+    assert main(["sweep", "--config", str(config), "--no-progress"]) == 2
+    assert not (tmp_path / "out").exists()
