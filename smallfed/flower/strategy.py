@@ -245,6 +245,8 @@ class SmallfedStrategy(Strategy):
                     "of %.3f; no more training", server_round, after, self.user_dp.budget)
                 self.last_round = RoundStats()
                 self._global = {}
+                if self.clock is not None:  # nobody sampled: a round of no time
+                    self.clock.online(server_round, [], self.partition_of)
                 return []
         nodes = self.sample(grid, server_round, self.clients_per_round, purpose=0)
         if self.clock is not None:
