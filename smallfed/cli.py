@@ -111,6 +111,47 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from smallfed.deploy import certs, launch
+
+    console = Console()
+    try:
+        if args.action == "certs":
+            made = certs.make_certificates(args.out, args.host)
+            console.print(f"CA and SuperLink certificate for {', '.join(args.host)}: "
+                          f"{', '.join(str(p) for p in made.values())}")
+        elif args.action == "node-key":
+            private, public = certs.make_node_key(args.out, args.name)
+            console.print(f"node key: {private} (stays on the device), {public} (register it: "
+                          f"flwr supernode register {public} <superlink connection>)")
+        else:
+            if args.insecure:
+                Console(stderr=True).print(f"[bold red]{launch.INSECURE_WARNING}[/]")
+            command = launch.superlink_command(args.certs, args.host, args.port, args.database,
+                                               args.insecure)
+            print(" ".join(command), flush=True)  # plain: a command line to copy
+            if not args.dry_run:
+                launch.exec_command(command)
+    except (FileExistsError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    return 0
+
+
+def cmd_edge(args: argparse.Namespace) -> int:
+    from smallfed.deploy import launch
+
+    console = Console()
+    console.print(f"device check: {launch.check_device(args.data_dir, args.profile, args.model, args.batch_size)}")
+    if args.insecure:
+        Console(stderr=True).print(f"[bold red]{launch.INSECURE_WARNING}[/]")
+    command = launch.supernode_command(args.superlink, args.data_dir, args.profile,
+                                       args.root_cert, args.auth_key, args.port, args.insecure)
+    print(" ".join(command), flush=True)  # plain: a command line to copy
+    if not args.dry_run:
+        launch.exec_command(command)
+    return 0
+
+
 def cmd_keys(_: argparse.Namespace) -> int:
     table = Table(title="smallfed configuration keys")
     for name in ("key", "default", "meaning"):
@@ -153,6 +194,38 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="trade-off plots and report.md of a sweep")
     report.add_argument("dir", help="the sweep's out folder")
     report.set_defaults(func=cmd_report)
+    deploy = sub.add_parser("deploy", help="certificates, node keys and the SuperLink")
+    actions = deploy.add_subparsers(dest="action", required=True)
+    certs = actions.add_parser("certs", help="a CA and the SuperLink's TLS certificate")
+    certs.add_argument("--out", required=True, help="folder for ca.crt, server.pem, keys")
+    certs.add_argument("--host", action="append", required=True,
+                       help="a name or IP address SuperNodes dial (repeatable)")
+    node_key = actions.add_parser("node-key", help="a SuperNode's key pair")
+    node_key.add_argument("--out", required=True)
+    node_key.add_argument("--name", required=True)
+    superlink = actions.add_parser("superlink", help="start the SuperLink: TLS, node auth")
+    superlink.add_argument("--certs", help="folder made by `smallfed deploy certs`")
+    superlink.add_argument("--host", default="0.0.0.0")
+    superlink.add_argument("--port", type=int, default=8000)
+    superlink.add_argument("--database", default="superlink.db")
+    superlink.add_argument("--insecure", action="store_true",
+                           help="plain HTTP, no node authentication: closed test networks only")
+    superlink.add_argument("--dry-run", action="store_true", help="print the command only")
+    deploy.set_defaults(func=cmd_deploy)
+    edge = sub.add_parser("edge", help="run this device as a SuperNode")
+    edge_actions = edge.add_subparsers(dest="action", required=True)
+    start = edge_actions.add_parser("start", help="check the device, then start its SuperNode")
+    start.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    start.add_argument("--data-dir", required=True, help="folder with this device's data.npz")
+    start.add_argument("--profile", default="rpi4", help="device profile (smallfed keys)")
+    start.add_argument("--root-cert", help="the federation's ca.crt")
+    start.add_argument("--auth-key", help="this node's private key (smallfed deploy node-key)")
+    start.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port")
+    start.add_argument("--model", default="cnn-tiny", help="model to check memory for")
+    start.add_argument("--batch-size", type=int, default=8)
+    start.add_argument("--insecure", action="store_true", help="plain HTTP (test networks)")
+    start.add_argument("--dry-run", action="store_true", help="check and print only")
+    edge.set_defaults(func=cmd_edge)
     keys = sub.add_parser("keys", help="list every configuration key")
     keys.set_defaults(func=cmd_keys)
     return parser

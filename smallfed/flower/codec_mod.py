@@ -58,7 +58,8 @@ def make_codec_mod(
         if up.error_feedback and RESIDUAL_KEY in context.state:
             residual = compact(record_arrays(context.state[RESIDUAL_KEY]), masks)
         server_round = int(msg.content["config"]["server-round"])
-        pid = int(context.node_config.get("partition-id", -1))
+        # A device has no partition id; its node id keeps its random draws its own.
+        pid = int(context.node_config.get("partition-id", context.node_id % 2**31))
         payload, residual = up.encode(compact(delta, masks),
                                       encoding_seed(seed, server_round, pid, downlink=False),
                                       residual)

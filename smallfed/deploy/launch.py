@@ -1,0 +1,104 @@
+"""Start Flower's Deployment Engine for smallfed: a SuperLink, and a SuperNode a device.
+
+These build the ``flower-superlink`` / ``flower-supernode`` command lines with TLS and
+node authentication on and runtime dependency installation off, check what can be
+checked before connecting, and hand the process over to Flower (``exec``), so a
+service manager (systemd) sees Flower's own process. Flower 1.42 serves every API of
+the SuperLink (Fleet, Control, Runtime) over HTTPS on one port.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from smallfed.config import Config, ConfigError
+from smallfed.devices import PROFILES, training_memory_bytes
+from smallfed.models import build_model
+
+INSECURE_WARNING = ("WARNING: --insecure: the SuperLink will talk plain HTTP. Model "
+                    "updates and node identities cross the network unencrypted and anyone "
+                    "can join. Use it only on a closed test network.")
+
+
+def flower_binary(name: str) -> str:
+    """Flower's console script, next to this Python first (a venv need not be on PATH)."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.is_file() else shutil.which(name)
+    if not found:
+        raise ConfigError(f"{name} not found; install flwr in this environment")
+    return found
+
+
+def superlink_command(certs: str | Path | None, host: str = "0.0.0.0", port: int = 8000,
+                      database: str | Path = "superlink.db", insecure: bool = False
+                      ) -> list[str]:
+    """flower-superlink with TLS from ``certs`` (make_certificates' files) and node auth."""
+    command = [flower_binary("flower-superlink"), "--host", host, "--port", str(port),
+               "--database", str(database), "--disable-runtime-dependency-installation"]
+    if insecure:
+        return [*command, "--insecure"]
+    if certs is None:
+        raise ConfigError("--certs: give the folder of `smallfed deploy certs`, or --insecure")
+    folder = Path(certs)
+    files = [folder / n for n in ("ca.crt", "server.pem", "server.key")]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ConfigError(f"--certs {folder}: missing {', '.join(missing)}; make them with "
+                          "`smallfed deploy certs`")
+    return [*command, "--ssl-ca-certfile", str(files[0]), "--ssl-certfile", str(files[1]),
+            "--ssl-keyfile", str(files[2]), "--enable-supernode-auth"]
+
+
+def check_device(data_dir: str | Path, profile: str, model: str, batch_size: int) -> str:
+    """What this device will train on, or ConfigError saying what is wrong with it."""
+    data = Path(data_dir) / "data.npz"
+    if not data.is_file():
+        raise ConfigError(f"--data-dir {data_dir}: no data.npz (arrays x: N,C,H,W float32 and "
+                          "y: N labels); smallfed.data.write_device_data writes one")
+    try:
+        with np.load(data, allow_pickle=False) as npz:
+            x, y = npz["x"], npz["y"]
+    except (OSError, KeyError, ValueError) as err:
+        raise ConfigError(f"{data}: unreadable, or without arrays x and y ({err})") from err
+    if x.ndim != 4 or len(x) != len(y) or len(y) == 0:
+        raise ConfigError(f"{data}: x has shape {x.shape} and y {y.shape}; expected x (N, C, H, "
+                          "W) and y (N,) with N > 0")
+    if profile not in PROFILES:
+        raise ConfigError(f"--profile {profile!r}: not one of {', '.join(PROFILES)}")
+    cfg = Config(model=model, batch_size=batch_size)
+    net = build_model(model, tuple(x.shape[1:]), int(y.max()) + 1, 0)
+    need = training_memory_bytes(net, tuple(x.shape[1:]), cfg)
+    allowed = PROFILES[profile].memory_bytes
+    if need > allowed:
+        raise ConfigError(f"training {model} (batch {batch_size}) needs {need / 2**20:.1f} MiB, "
+                          f"profile {profile} allows {allowed / 2**20:.1f} MiB")
+    return (f"{len(y)} samples of shape {tuple(x.shape[1:])}; {model} needs "
+            f"{need / 2**20:.1f} of {allowed / 2**20:.0f} MiB")
+
+
+def supernode_command(superlink: str, data_dir: str | Path, profile: str,
+                      root_cert: str | Path | None, auth_key: str | Path | None,
+                      port: int = 9094, insecure: bool = False) -> list[str]:
+    """flower-supernode for one device: its data folder and profile in its node config."""
+    node_config = f"data-dir='{Path(data_dir).resolve()}' device='{profile}'"
+    command = [flower_binary("flower-supernode"), "--superlink", superlink,
+               "--node-config", node_config, "--port", str(port)]
+    if insecure:
+        return [*command, "--insecure"]
+    for flag, path in (("--root-cert", root_cert), ("--auth-key", auth_key)):
+        if path is None or not Path(path).is_file():
+            raise ConfigError(f"{flag}: give an existing file ({path}); or --insecure")
+    return [*command, "--root-certificates", str(root_cert),
+            "--auth-supernode-private-key", str(auth_key)]
+
+
+def exec_command(command: list[str]) -> None:
+    """Become the Flower process (never returns)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)

@@ -1,0 +1,124 @@
+"""A real deployment on loopback: a SuperLink with TLS and node authentication, three
+SuperNodes started with `smallfed edge start`, each with its own data folder, and a
+`flwr run` of two compressed rounds. A node with an unregistered key and a node that
+does not trust the SuperLink's certificate are refused. Every process the test starts
+is stopped by PID, also when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from smallfed.config import Config
+from smallfed.data import write_device_data
+from smallfed.deploy.certs import make_certificates, make_node_key
+from tests.processes import pids_using, stop
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+class Processes:
+    """Starts processes in their own sessions and stops them all, and their children."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env, self.logs, self.started = env, logs, []
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self, marker: str) -> None:
+        pids = [p.pid for p in self.started]
+        children = [pid for p in pids for pid in pids_using(f"--parent-pid {p}")]
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        stop(pids + children + pids_using(marker))
+        for proc in self.started:
+            proc.wait(timeout=30)
+
+
+def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"])
+    keys = [make_node_key(tmp_path / "keys", f"node{i}") for i in range(4)]  # node3: stranger
+    for i in range(3):
+        write_device_data(Config(num_clients=3, clients_per_round=3), i, tmp_path / f"data{i}")
+    other_ca = make_certificates(tmp_path / "other-ca", ["127.0.0.1"])["ca.crt"]
+    port, home, out = free_port(), tmp_path / "flwr-home", tmp_path / "results"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{certs["ca.crt"]}"\n')
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    procs = Processes(env, tmp_path)
+    smallfed, flwr = str(BIN / "smallfed"), str(BIN / "flwr")
+
+    def edge(key: Path, data: Path, ca: Path) -> list[str]:
+        return [smallfed, "edge", "start", "--superlink", f"127.0.0.1:{port}", "--data-dir",
+                str(data), "--profile", "rpi4", "--root-cert", str(ca), "--auth-key", str(key),
+                "--port", str(free_port())]
+
+    try:
+        procs.start("superlink", [smallfed, "deploy", "superlink", "--certs",
+                                  str(tmp_path / "certs"), "--host", "127.0.0.1", "--port",
+                                  str(port), "--database", str(tmp_path / "superlink.db")])
+        wait_for_port(port)
+        for private, public in keys[:3]:
+            done = subprocess.run([flwr, "supernode", "register", str(public), "tls"], env=env,
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0 and "registered successfully" in done.stdout, done
+        for i in range(3):
+            procs.start(f"supernode{i}", edge(keys[i][0], tmp_path / f"data{i}", certs["ca.crt"]))
+
+        # Logs to files, not pipes: Flower's detached helpers would hold a pipe open.
+        stranger = procs.start("stranger", edge(keys[3][0], tmp_path / "data0", certs["ca.crt"]))
+        assert stranger.wait(timeout=120) != 0
+        assert "Failed to activate SuperNode" in (tmp_path / "stranger.log").read_text()
+        distrust = procs.start("distrust", edge(keys[0][0], tmp_path / "data0", other_ca))
+        assert distrust.wait(timeout=120) != 0
+        assert "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "distrust.log").read_text()
+
+        config = ("num-server-rounds=2 num-clients=3 clients-per-round=3 "
+                  f"codec='topk:0.1,quantize:4,error_feedback' out-dir='{out}'")
+        run = subprocess.run([flwr, "run", ".", "tls", "--stream", "--run-config", config],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    finally:
+        procs.stop_all(str(tmp_path))
+    assert not pids_using(str(tmp_path))
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    assert [r["clients"] for r in rounds] == [0, 3, 3]  # every device, every round
+    assert all(r["updates_rejected"] == 0 and r["clients_failed"] == 0 for r in rounds)
+    assert results["summary"]["compression_ratio_up"] > 10
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
