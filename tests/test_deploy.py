@@ -122,3 +122,34 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
     assert all(r["updates_rejected"] == 0 and r["clients_failed"] == 0 for r in rounds)
     assert results["summary"]["compression_ratio_up"] > 10
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
+
+
+def test_no_training_sample_leaves_a_client(tmp_path: Path) -> None:
+    """Everything clients send: only the encoded update (or the model) and metrics."""
+    from smallfed.flower.client import build_client_app
+    from smallfed.flower.inprocess import InProcessGrid
+    from smallfed.flower.records import PAYLOAD_STYPE
+    from smallfed.flower.server import build_server_app
+    from smallfed.models import build_model
+
+    sent = []
+    for codec in ("none", "topk:0.1,quantize:4,error_feedback"):
+        cfg = Config(num_server_rounds=1, num_clients=3, clients_per_round=3, local_epochs=1,
+                     fraction_evaluate=1.0, codec=codec)
+        grid = InProcessGrid(build_client_app(cfg), 3, run_config=cfg.to_dict(),
+                             on_reply=sent.append)
+        build_server_app(cfg, tmp_path / codec)(grid, grid.server_context())
+    model = build_model("cnn-tiny", (1, 8, 8), 10, 0).state_dict()
+    kinds = {m.metadata.message_type for m in sent}
+    assert {"train", "evaluate", "query"} <= kinds
+    for reply in sent:
+        content = reply.content
+        assert set(content.keys()) <= {"arrays", "metrics", "status"}
+        for value in content.metric_records["metrics"].values():
+            assert isinstance(value, (int, float))  # numbers, never arrays of samples
+        for record in content.array_records.values():
+            for name, array in record.items():
+                if array.stype == PAYLOAD_STYPE:
+                    assert len(array.data) < 4 * sum(v.numel() for v in model.values())
+                else:  # a dense update: exactly the model's tensors
+                    assert tuple(array.shape) == tuple(model[name].shape)
