@@ -151,3 +151,21 @@ def test_odd_replies_never_stop_a_round() -> None:
     assert set(metrics) == {"loss"}
     assert (strategy.last_round.failed, strategy.last_round.rejected,
             strategy.last_round.aggregated) == (1, 3, 2)
+
+
+def test_a_node_that_leaves_does_not_stall_the_next_round() -> None:
+    """The first round waits for clients-per-round nodes; later ones go on with who is there."""
+    cfg = Config(num_clients=3, clients_per_round=3)
+    grid = InProcessGrid(build_client_app(cfg), 3, run_config=cfg.to_dict())
+    strategy = SmallfedStrategy(make_inner_strategy(cfg), clients_per_round=3,
+                                fraction_evaluate=0.0, seed=1, wait_for_nodes_s=2.0)
+    assert len(strategy.sample(grid, 1, 3, purpose=0)) == 3
+    gone = next(iter(grid._contexts))
+    context = grid._contexts.pop(gone)  # the device died
+    assert len(strategy.sample(grid, 2, 3, purpose=0)) == 2
+    grid._contexts[gone] = context  # and came back: it joins the next round
+    assert gone in strategy.sample(grid, 3, 3, purpose=0)
+    fresh = SmallfedStrategy(make_inner_strategy(cfg), clients_per_round=4,
+                             fraction_evaluate=0.0, seed=1, wait_for_nodes_s=1.0)
+    with pytest.raises(RuntimeError, match="only 3 nodes connected after 1 s"):
+        fresh.sample(grid, 1, 4, purpose=0)

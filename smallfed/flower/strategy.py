@@ -184,13 +184,17 @@ class SmallfedStrategy(Strategy):
         the next free ids in node-id order, so the mapping is still deterministic.
         """
         deadline = time.monotonic() + self.wait_for_nodes_s
-        while len(node_ids := list(grid.get_node_ids())) < self.clients_per_round:
+        # Wait for a full round of nodes before the first round only: later, a device
+        # that died or went offline must not stall the federation (the round goes on
+        # with the nodes that are there; a returning node joins the next one).
+        needed = self.clients_per_round if not self.partition_of else 1
+        while len(node_ids := list(grid.get_node_ids())) < needed:
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"only {len(node_ids)} nodes connected after {self.wait_for_nodes_s:.0f} s; "
                     f"clients-per-round needs {self.clients_per_round}"
                 )
-            log(INFO, "Waiting for nodes: %d of %d connected", len(node_ids), self.clients_per_round)
+            log(INFO, "Waiting for nodes: %d of %d connected", len(node_ids), needed)
             time.sleep(1.0)
         unknown = sorted(n for n in node_ids if n not in self.partition_of)
         if unknown:
