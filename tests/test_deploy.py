@@ -1,8 +1,9 @@
 """A real deployment on loopback: a SuperLink with TLS and node authentication, three
 SuperNodes started with `smallfed edge start`, each with its own data folder, and a
-`flwr run` of two compressed rounds. A node with an unregistered key and a node that
-does not trust the SuperLink's certificate are refused. Every process the test starts
-is stopped by PID, also when it fails.
+`flwr run` of four compressed rounds. One SuperNode is killed after round 1 (the run
+goes on without it) and started again after round 2 (it rejoins). A node with an
+unregistered key and a node that does not trust the SuperLink's certificate are
+refused. Every process the test starts is stopped by PID, also when it fails.
 """
 
 from __future__ import annotations
@@ -39,6 +40,19 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def after_round(out: Path, round_: int, run: subprocess.Popen, timeout: float = 600) -> None:
+    """Wait until the run has checkpointed ``round_``."""
+    state, deadline = out / "checkpoint" / "state.json", time.monotonic() + timeout
+    while time.monotonic() < deadline and run.poll() is None:
+        try:
+            if json.loads(state.read_text())["round"] >= round_:
+                return
+        except (OSError, ValueError, KeyError):
+            pass  # not written yet, or being replaced
+        time.sleep(0.5)
+    raise TimeoutError(f"round {round_} not checkpointed (run exit code {run.poll()})")
 
 
 class Processes:
@@ -108,18 +122,23 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
         assert distrust.wait(timeout=120) != 0
         assert "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "distrust.log").read_text()
 
-        config = ("num-server-rounds=2 num-clients=3 clients-per-round=3 "
+        config = ("num-server-rounds=4 num-clients=3 clients-per-round=3 "
                   f"codec='topk:0.1,quantize:4,error_feedback' out-dir='{out}'")
-        run = subprocess.run([flwr, "run", ".", "tls", "--stream", "--run-config", config],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        run = procs.start("run", [flwr, "run", ".", "tls", "--stream", "--run-config", config])
+        after_round(out, 1, run)
+        os.killpg(procs.started[1].pid, signal.SIGKILL)  # supernode0 dies
+        after_round(out, 2, run)
+        procs.start("supernode0-again", edge(keys[0][0], tmp_path / "data0", certs["ca.crt"]))
+        assert run.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
         procs.stop_all(str(tmp_path))
     assert not pids_using(str(tmp_path))
     results = json.loads((out / "results.json").read_text())
     rounds = results["rounds"]
-    assert [r["clients"] for r in rounds] == [0, 3, 3]  # every device, every round
-    assert all(r["updates_rejected"] == 0 and r["clients_failed"] == 0 for r in rounds)
+    assert [r["clients"] for r in rounds][:3] == [0, 3, 2]  # round 2 went on without it
+    assert rounds[2]["clients_failed"] == 1  # Flower: "Node Unavailable" after its heartbeat
+    assert rounds[4]["clients"] == 3  # it came back and was sampled again
+    assert all(r["updates_rejected"] == 0 for r in rounds)
     assert results["summary"]["compression_ratio_up"] > 10
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
 
