@@ -18,7 +18,8 @@ every combination is one point, a complete simulation in its own folder::
 
 Every point's configuration is checked before any runs. A point whose folder holds
 its results (with the same configuration) is not run again, so a stopped sweep
-restarts where it stopped. ``sweep.csv`` has one row per point.
+restarts where it stopped. ``sweep.csv`` has one row per finished point, rewritten as
+each point ends.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def run_sweep(sweep: Sweep, progress: bool = True) -> Path:
             for job in as_completed(jobs):
                 point = jobs[job]
                 results[point.name] = job.result()
+                write_table(sweep, results)  # the table so far: a long sweep can be read early
                 bar.update(task, advance=1, description=f"done {point.name}")
     return write_table(sweep, results)
 
@@ -150,6 +152,8 @@ def write_table(sweep: Sweep, results: dict[str, dict[str, Any] | None]) -> Path
         writer = csv.DictWriter(fh, fieldnames=[*sweep.axes, *SWEEP_FIELDS])
         writer.writeheader()
         for point in sweep.points:
+            if results.get(point.name) is None:
+                continue  # not run yet
             summary = results[point.name]["summary"]  # type: ignore[index]
             writer.writerow({**point.options, "point": point.name, "seed": point.seed,
                              **{k: summary.get(k) for k in SWEEP_FIELDS[2:]}})
