@@ -237,6 +237,9 @@ class Config:
         choices=("inprocess", "ray"),
     )
     client_cpus: float = _key(1.0, "ray: CPUs reserved per virtual client.", gt=0)
+    resume: bool = _key(
+        False, "Go on from the checkpoint in out-dir (same configuration): for a ServerApp "
+        "restarted with `flwr run` (`smallfed simulate --resume DIR` does it for simulations).")
     out_dir: str = _key(
         "", "Where results.json and rounds.csv go when run by `flwr run` (--out wins)."
     )

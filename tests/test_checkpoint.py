@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,30 @@ def test_resume_with_set_changes_the_checkpoints_configuration(uninterrupted, ca
     code = main(["simulate", "--resume", str(whole_dir), "--set", "lr=0.5", "--no-progress"])
     error = capsys.readouterr().err
     assert code == 2 and "(lr: 0.05 in the checkpoint, 0.5 given)" in error
+
+
+def test_a_restarted_server_app_resumes_from_out_dir(tmp_path: Path) -> None:
+    """As after `flwr run` restarts a stopped ServerApp: resume = true, clients not saved."""
+    from smallfed.flower import InProcessGrid, build_client_app, build_server_app
+
+    cfg = Config(num_server_rounds=3, num_clients=4, clients_per_round=3, seed=4,
+                 local_epochs=1, batch_size=32, strategy="fedavgm", server_momentum=0.5,
+                 codec="topk:0.2,quantize:4", out_dir=str(tmp_path / "run"))
+
+    def server_app(cfg: Config, on_round=None) -> None:
+        grid = InProcessGrid(build_client_app(cfg), 4, run_config=cfg.to_dict())
+        build_server_app(cfg, on_round=on_round)(grid, grid.server_context())
+
+    with pytest.raises(Stop):
+        server_app(cfg, stop_after(1))
+    server_app(cfg.replace(resume=True))
+    whole = cfg.replace(out_dir=str(tmp_path / "whole"))
+    server_app(whole)
+    resumed = json.loads((tmp_path / "run" / "results.json").read_text())
+    expected = json.loads((tmp_path / "whole" / "results.json").read_text())
+    assert without_times(resumed) == without_times(expected)
+    stateful = cfg.replace(codec="topk:0.2,error_feedback", out_dir=str(tmp_path / "ef"))
+    with pytest.raises(Stop):
+        server_app(stateful, stop_after(1))
+    with pytest.raises(ConfigError, match="client state .* is not checkpointed"):
+        server_app(stateful.replace(resume=True))

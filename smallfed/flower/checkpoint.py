@@ -150,18 +150,23 @@ def _read(folder: Path) -> Checkpoint:
     )
 
 
-def check_resumable(cfg: Config, ckpt: Checkpoint) -> None:
-    """Fail before any work when ``cfg`` is not the configuration the checkpoint ran."""
+def check_resumable(cfg: Config, ckpt: Checkpoint, clients_saved: bool | None = None) -> None:
+    """Fail before any work when ``cfg`` is not the configuration the checkpoint ran, or
+    when clients' own state would be lost (``clients_saved``: the engine let us save it;
+    default: only in-process)."""
     given, saved = cfg.to_dict(), ckpt.config
     differ = sorted(k for k in set(given) | set(saved)
-                    if k != "out-dir" and given.get(k) != saved.get(k))
+                    if k not in ("out-dir", "resume") and given.get(k) != saved.get(k))
     if differ:
         changes = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {given.get(k)!r} given"
                             for k in differ[:5])
         raise ConfigError(f"cannot resume with a different configuration ({changes}); resume "
                           "without --config/--set to use the checkpoint's own")
     stateful = cfg.privacy == "sample" or parse_codec(cfg.codec).error_feedback
-    if cfg.backend == "ray" and stateful:
-        raise ConfigError("backend = ray: client state (DP-SGD accountants, error-feedback "
-                          "residuals) lives in Ray's actors and is not checkpointed; resume "
-                          "with backend = inprocess")
+    if clients_saved is None:
+        clients_saved = cfg.backend == "inprocess"
+    if stateful and not clients_saved:
+        raise ConfigError("client state (DP-SGD accountants, error-feedback residuals) lives "
+                          "on the clients (Ray's actors, or devices) and is not checkpointed: "
+                          "a resumed run would lose it, and DP accounting would restart; "
+                          "resume such runs in-process only")

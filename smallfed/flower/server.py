@@ -25,11 +25,13 @@ from smallfed.config import Config
 from smallfed.devices import RoundClock, training_flops_per_sample
 from smallfed.data import federated_data
 from smallfed.flower.checkpoint import (
+    CHECKPOINT_DIR,
     Checkpoint,
     check_resumable,
     restore_strategy,
     strategy_state,
 )
+from smallfed.flower.checkpoint import load as load_checkpoint
 from smallfed.flower.checkpoint import save as save_checkpoint
 from smallfed.flower.grids import MeteredGrid
 from smallfed.flower.records import load_record, model_to_record, record_arrays, record_bytes
@@ -70,8 +72,13 @@ def run_server(  # pylint: disable=too-many-arguments
     out = Path(out_dir or cfg.out_dir or default_out_dir(context))
     data = federated_data(cfg)
     check_privacy_config(cfg, data)  # also when started by `flwr run`, not only the CLI
+    if resume is None and cfg.resume:  # a ServerApp restarted by `flwr run`
+        if (out / CHECKPOINT_DIR).is_dir() or (out / f"{CHECKPOINT_DIR}.old").is_dir():
+            resume = load_checkpoint(out)
+        else:
+            log(INFO, "smallfed: resume = true, but %s has no checkpoint; starting afresh", out)
     if resume is not None:
-        check_resumable(cfg, resume)
+        check_resumable(cfg, resume, clients_saved=node_states is not None)
     dataset = data.dataset
     model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed)
     report = model_report(model)
