@@ -113,7 +113,11 @@ def finished(sweep: Sweep, point: Point) -> dict[str, Any] | None:
     if not results_file.is_file():
         return None
     results = json.loads(results_file.read_text())
-    return results if results.get("config") == point.config.to_dict() else None
+    try:  # a key added to smallfed since the point ran reads as its default
+        same = Config.from_mapping(results.get("config", {})) == point.config
+    except ConfigError:
+        same = False
+    return results if same else None
 
 
 def _run_point(args: tuple[Config, str]) -> dict[str, Any]:
