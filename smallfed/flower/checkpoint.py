@@ -154,7 +154,11 @@ def check_resumable(cfg: Config, ckpt: Checkpoint, clients_saved: bool | None = 
     """Fail before any work when ``cfg`` is not the configuration the checkpoint ran, or
     when clients' own state would be lost (``clients_saved``: the engine let us save it;
     default: only in-process)."""
-    given, saved = cfg.to_dict(), ckpt.config
+    try:  # a key added to smallfed since the checkpoint reads as its default
+        saved = Config.from_mapping(ckpt.config).to_dict()
+    except ConfigError as err:
+        raise ConfigError(f"the checkpoint's configuration no longer loads: {err}") from err
+    given = cfg.to_dict()
     differ = sorted(k for k in set(given) | set(saved)
                     if k not in ("out-dir", "resume") and given.get(k) != saved.get(k))
     if differ:
