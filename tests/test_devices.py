@@ -51,6 +51,10 @@ def test_round_time_is_transfer_plus_compute_by_hand() -> None:
     assert first.total_s == pytest.approx(0.22) and first.status == "finished"
     assert second.status == "dropped" and kept == {7}
     assert clock.last.dropped == 1 and clock.last.sim_time_s == 0.3  # waited to the deadline
+    clock.online(2, [7, 8], {7: 0, 8: 1})
+    kept = clock.finish(2, [Arrival(7, 0, True, 0, 0), Arrival(8, 1, False, 10, 0, True)])
+    assert [r.status for r in clock.rows[-2:]] == ["failed", "declined"]
+    assert kept == {7, 8} and clock.last.dropped == 0 and clock.last.finished == 0
 
 
 def test_offline_devices_are_never_sent_a_message(tmp_path: Path) -> None:
@@ -88,3 +92,7 @@ def test_a_device_without_the_memory_is_refused_with_a_reason(tmp_path: Path) ->
                        tmp_path, progress=False)
     last = results["rounds"][1]
     assert last["clients_declined"] == 4 - last["clients_offline"] and last["clients"] == 0
+    assert last["clients_finished"] == 0
+    with open(tmp_path / "clients.csv") as fh:
+        statuses = {row["status"] for row in csv.DictReader(fh)}
+    assert statuses <= {"declined", "offline"} and "declined" in statuses

@@ -30,7 +30,7 @@ class ClientTime:
     round: int
     partition: int
     device: str
-    status: str  # finished, dropped (past the deadline), offline, failed
+    status: str  # finished, declined, dropped (past the deadline), offline, failed
     bytes_down: int
     bytes_up: int
     compute_s: float
@@ -50,6 +50,7 @@ class Arrival:
     failed: bool
     bytes_up: int
     examples: float
+    declined: bool = False
 
 
 @dataclass
@@ -106,16 +107,19 @@ class RoundClock:
             transfer = (2 * profile.latency_s + 8 * down / profile.downlink_bps
                         + 8 * arrival.bytes_up / profile.uplink_bps)
             total = compute + transfer
-            late = deadline > 0 and total > deadline
-            status = "failed" if arrival.failed else ("dropped" if late else "finished")
+            late = deadline > 0 and total > deadline and not arrival.failed
+            status = ("failed" if arrival.failed else "dropped" if late
+                      else "declined" if arrival.declined else "finished")
             self.rows.append(ClientTime(server_round, arrival.partition, profile.name, status,
                                         down, arrival.bytes_up, round(compute, 6),
                                         round(transfer, 6), round(total, 6)))
             if late:
                 self.last.dropped += 1
                 continue
-            self.last.finished += not arrival.failed
-            times.append(total)
-            kept.add(arrival.node)
+            kept.add(arrival.node)  # failed replies too: the strategy counts them
+            if status == "finished":
+                self.last.finished += 1
+            if not arrival.failed:
+                times.append(total)
         self.last.sim_time_s = deadline if self.last.dropped else max(times, default=0.0)
         return kept

@@ -317,13 +317,15 @@ class SmallfedStrategy(Strategy):
             return replies
         arrivals = []
         for reply in replies:
-            examples = 0.0
+            examples, declined = 0.0, False
             if not reply.has_error():
-                value = reply.content.metric_records.get(METRICS_KEY, {}).get(NUM_EXAMPLES_KEY)
+                metrics = reply.content.metric_records.get(METRICS_KEY, {})
+                value = metrics.get(NUM_EXAMPLES_KEY)
                 examples = float(value) if positive_number(value) else 0.0
+                declined = bool(metrics.get("declined"))
             node = reply.metadata.src_node_id
             arrivals.append(Arrival(node, self.partition_of.get(node, -1), reply.has_error(),
-                                    message_array_bytes(reply), examples))
+                                    message_array_bytes(reply), examples, declined))
         kept = self.clock.finish(server_round, arrivals)
         timing = self.clock.last
         self.last_round.offline, self.last_round.dropped = timing.offline, timing.dropped

@@ -104,7 +104,7 @@ class RunRecorder:
         self.rounds = [RoundRecord(**row) for row in state["rounds"]]
         self.models_sent = int(state["models_sent"])
         self.elapsed_before = float(state["elapsed_s"])
-        self.clients = list(state["clients"])
+        self.clients = list(state.get("clients", []))  # absent before device simulation
 
     def results(self) -> dict[str, Any]:
         final = self.rounds[-1] if self.rounds else None
