@@ -99,7 +99,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from smallfed.sweep import load_sweep, run_sweep
 
     sweep = load_sweep(args.config)
-    table = run_sweep(sweep, progress=not args.no_progress)
+    try:
+        table = run_sweep(sweep, progress=not args.no_progress)
+    except RuntimeError as err:  # some points failed; the others are in the table
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]{err}[/]")
+        return 1
     Console().print(f"{len(sweep.points)} points: {table}; plots: smallfed report {sweep.out}")
     return 0
 

@@ -81,9 +81,18 @@ def load_sweep(path: str | Path) -> Sweep:
             raise ConfigError(f"sweep base {base_file!r}: {err}") from err
     base.update(spec.get("set", {}))
     axes: dict[str, dict[str, dict[str, Any]]] = spec.get("axes", {})
-    if not axes or any(not isinstance(o, dict) or not o for o in axes.values()):
-        raise ConfigError(f"sweep file {path}: give at least one [axes.NAME] table of options")
+    if not isinstance(axes, dict) or not axes or any(
+            not isinstance(o, dict) or not o or not all(isinstance(c, dict) for c in o.values())
+            for o in axes.values()):
+        raise ConfigError(f"sweep file {path}: give at least one [axes.NAME] table whose "
+                          "options are tables, e.g. topk = {codec = \"topk:0.01\"}")
     seeds = spec.get("seeds", [base.get("seed", 42)])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(x, int) for x in seeds)):
+        raise ConfigError(f"sweep file {path}: seeds must be a list of distinct integers")
+    workers = spec.get("workers", os.cpu_count() or 1)
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"sweep file {path}: workers must be a whole number >= 1")
     points = []
     for combo in itertools.product(*(list(options.items()) for options in axes.values())):
         for seed in seeds:
@@ -98,8 +107,7 @@ def load_sweep(path: str | Path) -> Sweep:
             except ConfigError as err:
                 raise ConfigError(f"sweep point {name}: {err}") from err
             points.append(Point(name, options, seed, cfg))
-    workers = int(spec.get("workers", os.cpu_count() or 1))
-    return Sweep(Path(spec.get("out", f"runs/sweep-{path.stem}")), max(1, workers),
+    return Sweep(Path(spec.get("out", f"runs/sweep-{path.stem}")), workers,
                  tuple(axes), tuple(points))
 
 
@@ -112,10 +120,10 @@ def finished(sweep: Sweep, point: Point) -> dict[str, Any] | None:
     results_file = point_dir(sweep, point) / "results.json"
     if not results_file.is_file():
         return None
-    results = json.loads(results_file.read_text())
     try:  # a key added to smallfed since the point ran reads as its default
+        results = json.loads(results_file.read_text())
         same = Config.from_mapping(results.get("config", {})) == point.config
-    except ConfigError:
+    except (ValueError, ConfigError):  # cut short while written: run it again
         same = False
     return results if same else None
 
@@ -141,12 +149,21 @@ def run_sweep(sweep: Sweep, progress: bool = True) -> Path:
                                  mp_context=multiprocessing.get_context("spawn")) as pool:
             jobs = {pool.submit(_run_point, (p.config, str(point_dir(sweep, p)))): p
                     for p in todo}
+            failed = []
             for job in as_completed(jobs):
                 point = jobs[job]
-                results[point.name] = job.result()
+                try:
+                    results[point.name] = job.result()
+                except Exception as err:  # pylint: disable=broad-exception-caught
+                    failed.append(f"{point.name}: {type(err).__name__}: {err}")
+                    bar.update(task, advance=1, description=f"FAILED {point.name}")
+                    continue
                 write_table(sweep, results)  # the table so far: a long sweep can be read early
                 bar.update(task, advance=1, description=f"done {point.name}")
-    return write_table(sweep, results)
+    table = write_table(sweep, results)
+    if failed:  # the others ran and are in the table; rerunning retries only these
+        raise RuntimeError("sweep points failed:\n" + "\n".join(failed))
+    return table
 
 
 def write_table(sweep: Sweep, results: dict[str, dict[str, Any] | None]) -> Path:

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from smallfed.config import Config
 from smallfed.data import write_device_data
 from smallfed.deploy.certs import make_certificates, make_node_key
@@ -70,7 +72,7 @@ class Processes:
 
     def stop_all(self, marker: str) -> None:
         pids = [p.pid for p in self.started]
-        children = [pid for p in pids for pid in pids_using(f"--parent-pid {p}")]
+        children = [pid for p in pids for pid in pids_using(f"--parent-pid {p} ")]
         for pid in pids:
             try:
                 os.killpg(pid, signal.SIGTERM)
@@ -172,3 +174,12 @@ def test_no_training_sample_leaves_a_client(tmp_path: Path) -> None:
                     assert len(array.data) < 4 * sum(v.numel() for v in model.values())
                 else:  # a dense update: exactly the model's tensors
                     assert tuple(array.shape) == tuple(model[name].shape)
+
+
+def test_keys_are_private_and_never_overwritten(tmp_path: Path) -> None:
+    private, public = make_node_key(tmp_path, "node")
+    assert private.stat().st_mode & 0o777 == 0o600
+    for bad in ("node", "../escape", ""):
+        with pytest.raises((FileExistsError, ValueError)):
+            make_node_key(tmp_path, bad)
+    assert not (tmp_path.parent / "escape").exists()

@@ -83,3 +83,14 @@ def test_a_bad_point_fails_before_any_run(tmp_path: Path) -> None:
         load_sweep(config)
     assert main(["sweep", "--config", str(config), "--no-progress"]) == 2
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("seeds = [3]", "seeds = 3"), "seeds must be a list of distinct integers"),
+    (("seeds = [3]", "seeds = [3, 3]"), "seeds must be a list of distinct integers"),
+    (("workers = 2", 'workers = "two"'), "workers must be a whole number"),
+    (("dense = {{}}", "dense = 1"), "options are tables"),
+])
+def test_malformed_sweep_files_are_refused_clearly(tmp_path: Path, change, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(write(tmp_path, SWEEP.replace(*change)))

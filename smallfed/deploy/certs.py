@@ -31,9 +31,11 @@ def _name(common: str) -> x509.Name:
 
 def _write_private(path: Path, key: ec.EllipticCurvePrivateKey,
                    fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, fmt,
-                                       serialization.NoEncryption()))
-    os.chmod(path, 0o600)
+    """Created owner-only from the start, and never over an existing file."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, fmt,
+                                   serialization.NoEncryption()))
 
 
 def make_certificates(out_dir: str | Path, hosts: list[str]) -> dict[str, Path]:
@@ -85,6 +87,8 @@ def make_certificates(out_dir: str | Path, hosts: list[str]) -> dict[str, Path]:
 
 def make_node_key(out_dir: str | Path, name: str) -> tuple[Path, Path]:
     """``<name>`` (private, PEM) and ``<name>.pub`` (OpenSSH) for one SuperNode."""
+    if not name or Path(name).name != name or name.startswith("."):
+        raise ValueError(f"--name {name!r}: a plain file name, without folders")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     private, public = out / name, out / f"{name}.pub"

@@ -68,11 +68,18 @@ def check_device(data_dir: str | Path, profile: str, model: str, batch_size: int
     if x.ndim != 4 or len(x) != len(y) or len(y) == 0:
         raise ConfigError(f"{data}: x has shape {x.shape} and y {y.shape}; expected x (N, C, H, "
                           "W) and y (N,) with N > 0")
+    if y.dtype.kind not in "iu" or y.min() < 0:
+        raise ConfigError(f"{data}: labels y must be whole numbers >= 0, got {y.dtype} "
+                          f"from {y.min()} to {y.max()}")
     if profile not in PROFILES:
         raise ConfigError(f"--profile {profile!r}: not one of {', '.join(PROFILES)}")
     cfg = Config(model=model, batch_size=batch_size)
-    net = build_model(model, tuple(x.shape[1:]), int(y.max()) + 1, 0)
-    need = training_memory_bytes(net, tuple(x.shape[1:]), cfg)
+    try:
+        net = build_model(model, tuple(x.shape[1:]), int(y.max()) + 1, 0)
+        need = training_memory_bytes(net, tuple(x.shape[1:]), cfg)
+    except (ValueError, RuntimeError) as err:  # unknown model, or images it cannot take
+        raise ConfigError(f"--model {model}: cannot train on {tuple(x.shape[1:])} images "
+                          f"({err})") from err
     allowed = PROFILES[profile].memory_bytes
     if need > allowed:
         raise ConfigError(f"training {model} (batch {batch_size}) needs {need / 2**20:.1f} MiB, "

@@ -152,7 +152,9 @@ class RunRecorder:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         results = self.results()
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        partial = out / "results.json.tmp"  # then renamed: never a half-written results.json
+        partial.write_text(json.dumps(results, indent=2) + "\n")
+        partial.replace(out / "results.json")
         with open(out / "rounds.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=ROUND_FIELDS)
             writer.writeheader()

@@ -61,8 +61,8 @@ def plot_cost(rows: list[dict[str, str]], column: str, label: str, path: Path,
     for i in ordered:
         ax.annotate(usable[i]["point"].rsplit(",seed=", 1)[0], points[i], fontsize=6,
                     xytext=(3, 3), textcoords="offset points")
-    if log:
-        ax.set_xscale("log")
+    if log:  # symlog where a cost is 0 (a target reached at round 0)
+        ax.set_xscale("log" if min(c for c, _ in points) > 0 else "symlog")
     ax.set(xlabel=label, ylabel="final held-out accuracy")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
