@@ -1,6 +1,6 @@
 """A real deployment on loopback: a SuperLink with TLS and node authentication, three
 SuperNodes started with `smallfed edge start`, each with its own data folder, and a
-`flwr run` of four compressed rounds. One SuperNode is killed after round 1 (the run
+`flwr run` of six compressed rounds. One SuperNode is killed after round 1 (the run
 goes on without it) and started again after round 2 (it rejoins). A node with an
 unregistered key and a node that does not trust the SuperLink's certificate are
 refused. Every process the test starts is stopped by PID, also when it fails.
@@ -124,7 +124,7 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
         assert distrust.wait(timeout=120) != 0
         assert "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "distrust.log").read_text()
 
-        config = ("num-server-rounds=4 num-clients=3 clients-per-round=3 "
+        config = ("num-server-rounds=6 num-clients=3 clients-per-round=3 "
                   f"codec='topk:0.1,quantize:4,error_feedback' out-dir='{out}'")
         run = procs.start("run", [flwr, "run", ".", "tls", "--stream", "--run-config", config])
         after_round(out, 1, run)
@@ -141,7 +141,8 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
     # Sent to the dead node, its message comes back "Node Unavailable" once it misses two
     # heartbeats (or, had Flower already noticed, it would not have been sampled).
     assert rounds[2]["clients_failed"] <= 1
-    assert rounds[4]["clients"] == 3  # it came back and was sampled again
+    # It came back (a restart takes seconds; four rounds leave it time) and was sampled.
+    assert any(r["clients"] == 3 for r in rounds[3:])
     assert all(r["updates_rejected"] == 0 for r in rounds)
     assert results["summary"]["compression_ratio_up"] > 10
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
