@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,13 @@ sys.path.insert(0, str(ROOT))
 from smallfed.cli import load_config  # noqa: E402
 from smallfed.data import write_device_data  # noqa: E402
 from smallfed.deploy.certs import make_certificates, make_node_key  # noqa: E402
-from tests.test_deploy import BIN, Processes, free_port, wait_for_port  # noqa: E402
+from tests.test_deploy import (  # noqa: E402
+    BIN,
+    Processes,
+    flwr_env,
+    free_port,
+    start_superlink,
+)
 
 
 def tree_rss_mb(root: int) -> float:
@@ -67,21 +72,13 @@ def main() -> None:
     for i in range(args.nodes):
         write_device_data(cfg, i, tmp / f"data{i}")
     port, home, out = free_port(), tmp / "flwr-home", tmp / "results"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs["ca.crt"]}"\n')
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = flwr_env(home, port, certs["ca.crt"])
     procs = Processes(env, tmp)
     smallfed, flwr = str(BIN / "smallfed"), str(BIN / "flwr")
     peaks: dict[int, float] = {}
     done = threading.Event()
     try:
-        procs.start("superlink", [smallfed, "deploy", "superlink", "--certs", str(tmp / "certs"),
-                                  "--host", "127.0.0.1", "--port", str(port), "--database",
-                                  str(tmp / "db")])
-        wait_for_port(port)
+        start_superlink(procs, tmp, port)
         for _, public in keys:
             subprocess.run([flwr, "supernode", "register", str(public), "tls"], env=env,
                            capture_output=True, timeout=60, check=True)

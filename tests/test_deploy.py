@@ -57,6 +57,25 @@ def after_round(out: Path, round_: int, run: subprocess.Popen, timeout: float = 
     raise TimeoutError(f"round {round_} not checkpointed (run exit code {run.poll()})")
 
 
+def flwr_env(home: Path, port: int, ca: Path) -> dict[str, str]:
+    """The environment of `flwr` and Flower's processes: a FLWR_HOME whose connection
+    "tls" is the loopback SuperLink, and this venv's binaries first on PATH."""
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{ca}"\n')
+    return dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def start_superlink(procs: "Processes", tmp: Path, port: int) -> None:
+    """`smallfed deploy superlink` with the certificates in ``tmp/certs``, until it listens."""
+    procs.start("superlink", [str(BIN / "smallfed"), "deploy", "superlink", "--certs",
+                              str(tmp / "certs"), "--host", "127.0.0.1", "--port", str(port),
+                              "--database", str(tmp / "superlink.db")])
+    wait_for_port(port)
+
+
 class Processes:
     """Starts processes in their own sessions and stops them all, and their children."""
 
@@ -90,12 +109,7 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
         write_device_data(Config(num_clients=3, clients_per_round=3), i, tmp_path / f"data{i}")
     other_ca = make_certificates(tmp_path / "other-ca", ["127.0.0.1"])["ca.crt"]
     port, home, out = free_port(), tmp_path / "flwr-home", tmp_path / "results"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{certs["ca.crt"]}"\n')
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = flwr_env(home, port, certs["ca.crt"])
     procs = Processes(env, tmp_path)
     smallfed, flwr = str(BIN / "smallfed"), str(BIN / "flwr")
 
@@ -105,10 +119,7 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
                 "--port", str(free_port())]
 
     try:
-        procs.start("superlink", [smallfed, "deploy", "superlink", "--certs",
-                                  str(tmp_path / "certs"), "--host", "127.0.0.1", "--port",
-                                  str(port), "--database", str(tmp_path / "superlink.db")])
-        wait_for_port(port)
+        start_superlink(procs, tmp_path, port)
         for private, public in keys[:3]:
             done = subprocess.run([flwr, "supernode", "register", str(public), "tls"], env=env,
                                   capture_output=True, text=True, timeout=60)
