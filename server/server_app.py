@@ -1,5 +1,5 @@
 """The ServerApp entry point for `flwr run`: configuration from run_config."""
 
-from smallfed.flower import build_server_app
+from smallfed.flower.server import build_server_app
 
 app = build_server_app()

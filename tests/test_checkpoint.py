@@ -108,7 +108,9 @@ def test_resume_with_set_changes_the_checkpoints_configuration(uninterrupted, ca
 
 def test_a_restarted_server_app_resumes_from_out_dir(tmp_path: Path) -> None:
     """As after `flwr run` restarts a stopped ServerApp: resume = true, clients not saved."""
-    from smallfed.flower import InProcessGrid, build_client_app, build_server_app
+    from smallfed.flower.client import build_client_app
+    from smallfed.flower.inprocess import InProcessGrid
+    from smallfed.flower.server import build_server_app
 
     cfg = Config(num_server_rounds=3, num_clients=4, clients_per_round=3, seed=4,
                  local_epochs=1, batch_size=32, strategy="fedavgm", server_momentum=0.5,

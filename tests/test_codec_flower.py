@@ -12,7 +12,9 @@ from flwr.clientapp import ClientApp
 
 from smallfed.cli import load_config
 from smallfed.config import Config
-from smallfed.flower import InProcessGrid, build_client_app, build_server_app
+from smallfed.flower.client import build_client_app
+from smallfed.flower.inprocess import InProcessGrid
+from smallfed.flower.server import build_server_app
 from smallfed.flower.codec_mod import RESIDUAL_KEY
 from smallfed.flower.records import PAYLOAD_KEY, record_payload
 

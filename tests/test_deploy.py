@@ -190,6 +190,31 @@ def test_no_training_sample_leaves_a_client(tmp_path: Path) -> None:
                     assert tuple(array.shape) == tuple(model[name].shape)
 
 
+def test_a_device_trains_without_the_servers_dataset(tmp_path: Path) -> None:
+    """Devices hold only their data.npz: the ClientApp's configuration names a dataset
+    they lack, and the model comes from the input shape and class count in the messages."""
+    from smallfed.flower.client import build_client_app
+    from smallfed.flower.inprocess import InProcessGrid
+    from smallfed.flower.server import build_server_app
+
+    server_cfg = Config(num_server_rounds=2, num_clients=3, clients_per_round=3,
+                        local_epochs=1, fraction_evaluate=1.0,
+                        codec="topk:0.1,quantize:4,error_feedback", codec_down="fp16")
+    devices = []
+    for i in range(3):
+        write_device_data(server_cfg, i, tmp_path / f"data{i}")
+        devices.append({"data-dir": str(tmp_path / f"data{i}"), "device": "rpi4"})
+    device_cfg = server_cfg.replace(dataset="mnist", data_dir=str(tmp_path / "no-mnist-here"))
+    replies = []
+    grid = InProcessGrid(build_client_app(device_cfg), 3, run_config=server_cfg.to_dict(),
+                         on_reply=replies.append, node_configs=devices)
+    build_server_app(server_cfg, tmp_path / "out")(grid, grid.server_context())
+    assert not any(r.has_error() for r in replies), [r.error for r in replies if r.has_error()]
+    rounds = json.loads((tmp_path / "out" / "results.json").read_text())["rounds"]
+    assert [r["clients"] for r in rounds] == [0, 3, 3]
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
+
+
 def test_keys_are_private_and_never_overwritten(tmp_path: Path) -> None:
     private, public = make_node_key(tmp_path, "node")
     assert private.stat().st_mode & 0o777 == 0o600

@@ -11,7 +11,10 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from smallfed.config import Config
-from smallfed.flower import InProcessGrid, SmallfedStrategy, build_client_app, build_server_app
+from smallfed.flower.client import build_client_app
+from smallfed.flower.inprocess import InProcessGrid
+from smallfed.flower.server import build_server_app
+from smallfed.flower.strategy import SmallfedStrategy
 from smallfed.flower.strategy import make_inner_strategy
 
 

@@ -3,28 +3,35 @@
 The partitioners work on a ``datasets.Dataset``; we hand them one with only the
 labels and each row's index into the pool, so a partition comes back as an index
 array and the images are never copied per client.
+
+``datasets`` and ``flwr_datasets`` (with pandas and pyarrow, about 160 MB resident)
+are imported only when a split is made: a device's ClientApp imports this package
+but trains on its own ``data.npz`` and never splits anything.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from datasets import Dataset as HFDataset
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    PathologicalPartitioner,
-    Partitioner,
-    ShardPartitioner,
-)
 
 from smallfed.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 
 def make_partitioner(cfg: Config) -> Partitioner:
     """The flwr-datasets partitioner the configuration names, seeded by ``seed``."""
+    from flwr_datasets.partitioner import (  # pylint: disable=import-outside-toplevel
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+        ShardPartitioner,
+    )
+
     n = cfg.num_clients
     if cfg.partitioner == "iid":
         return IidPartitioner(num_partitions=n)
@@ -46,6 +53,8 @@ def make_partitioner(cfg: Config) -> Partitioner:
 
 def partition_indices(labels: torch.Tensor, cfg: Config) -> list[np.ndarray]:
     """Index arrays into the pool, one per client, in partition-id order."""
+    from datasets import Dataset as HFDataset  # pylint: disable=import-outside-toplevel
+
     table = HFDataset.from_dict(
         {"label": labels.numpy(), "row": np.arange(len(labels), dtype=np.int64)}
     )

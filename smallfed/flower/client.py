@@ -3,7 +3,9 @@
 In simulation a client's data is partition ``partition-id`` of the configured dataset
 (Flower's node config). On a real device the node config names a ``data-dir`` whose
 ``data.npz`` holds arrays ``x`` (N, C, H, W, preprocessed float32) and ``y`` (N,);
-:func:`smallfed.data.write_device_data` writes one from a partition.
+:func:`smallfed.data.write_device_data` writes one from a partition. Either way the
+model is built from the input shape and class count the server sends with each
+message, so a device never touches the server's dataset.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ from smallfed.flower.records import (
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     load_record,
+    model_shape,
     model_to_record,
 )
 from smallfed.models import build_model
-from smallfed.privacy.local_dp import train_private
 from smallfed.training import CLIENT_THREADS, client_generator, evaluate, torch_threads, train
 
 
@@ -50,16 +52,22 @@ def partition_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", -1))
 
 
-def fresh_model(config: Config) -> torch.nn.Module:
-    """The configured model, initialised from the run's seed."""
-    dataset = federated_data(config).dataset
-    return build_model(config.model, dataset.input_shape, dataset.num_classes, config.seed)
+def fresh_model(config: Config, msg: Message) -> torch.nn.Module:
+    """The configured model for the input shape and class count ``msg`` carries."""
+    input_shape, num_classes = model_shape(msg)
+    return build_model(config.model, input_shape, num_classes, config.seed)
+
+
+def model_template(config: Config, msg: Message) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the model's tensors, the layout every payload must match."""
+    return _template(config.model, *model_shape(msg))
 
 
 @lru_cache(maxsize=8)
-def model_template(config: Config) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of the model's tensors, the layout every payload must match."""
-    return {k: tuple(v.shape) for k, v in fresh_model(config).state_dict().items()}
+def _template(model: str, input_shape: tuple[int, ...], num_classes: int
+              ) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in
+            build_model(model, input_shape, num_classes, 0).state_dict().items()}
 
 
 def build_client_app(cfg: Config | None = None) -> ClientApp:
@@ -69,19 +77,20 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
     def config_of(context: Context) -> Config:
         return cfg if cfg is not None else Config.from_mapping(context.run_config)
 
-    def chains(context: Context) -> tuple[Chain, Chain, dict[str, tuple[int, ...]], int]:
+    def chains(msg: Message, context: Context
+               ) -> tuple[Chain, Chain, dict[str, tuple[int, ...]], int]:
         config = config_of(context)
-        return (parse_codec(config.codec), parse_codec(config.codec_down), model_template(config),
-                config.seed)
+        return (parse_codec(config.codec), parse_codec(config.codec_down),
+                model_template(config, msg), config.seed)
 
     @app.train(mods=[make_codec_mod(chains)])
     def handle_train(msg: Message, context: Context) -> Message:
         config = config_of(context)
-        model = load_record(fresh_model(config), msg.content[ARRAYS_KEY])
+        model = load_record(fresh_model(config, msg), msg.content[ARRAYS_KEY])
         x, y = client_data(config, context)
         server_round = int(msg.content["config"]["server-round"])
         pid = partition_id(context)
-        masks = read_masks(msg.content, model_template(config))
+        masks = read_masks(msg.content, model_template(config, msg))
         refusal = memory_refusal(config, context, model, tuple(x.shape[1:]))
         if refusal:
             return decline(msg, refusal)
@@ -103,7 +112,7 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
     @app.evaluate()
     def handle_evaluate(msg: Message, context: Context) -> Message:
         config = config_of(context)
-        model = load_record(fresh_model(config), msg.content[ARRAYS_KEY])
+        model = load_record(fresh_model(config, msg), msg.content[ARRAYS_KEY])
         x, y = client_data(config, context)
         with torch_threads(CLIENT_THREADS):
             loss, accuracy = evaluate(model, x, y)
@@ -154,6 +163,9 @@ def train_with_dp(
     x: torch.Tensor, y: torch.Tensor, server_round: int, masks: Masks,
 ) -> Message:
     """A DP-SGD round whose accountant history persists in the node's Context.state."""
+    # Imported here: opacus costs a device about 115 MB resident, and only DP-SGD needs it.
+    from smallfed.privacy.local_dp import train_private  # pylint: disable=import-outside-toplevel
+
     saved = context.state.get(DP_HISTORY_KEY)
     history = [] if saved is None else list(zip(
         saved["noise"], saved["rate"], [int(s) for s in saved["steps"]]))

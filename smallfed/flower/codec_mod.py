@@ -38,12 +38,12 @@ def is_payload(record: ArrayRecord) -> bool:
 
 
 def make_codec_mod(
-    chains: Callable[[Context], tuple[Chain, Chain, Template, int]],
+    chains: Callable[[Message, Context], tuple[Chain, Chain, Template, int]],
 ) -> Callable[[Message, Context, ClientAppCallable], Message]:
-    """A mod; ``chains(context)`` gives (uplink, downlink, model template, seed)."""
+    """A mod; ``chains(msg, context)`` gives (uplink, downlink, model template, seed)."""
 
     def codec_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        up, down, template, seed = chains(context)
+        up, down, template, seed = chains(msg, context)
         received = msg.content[ARRAYS_KEY]
         if is_payload(received):
             msg.content[ARRAYS_KEY] = arrays_record(down.decode(record_payload(received), template))

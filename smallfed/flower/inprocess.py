@@ -36,7 +36,10 @@ class InProcessGrid(Grid):
         num_nodes: int,
         run_config: dict | None = None,
         on_reply: ReplyHook | None = None,
+        node_configs: list[dict] | None = None,
     ) -> None:
+        """``node_configs`` replaces the nodes' default config (their partition ids),
+        for example by a ``data-dir`` each, as on devices."""
         self._client_app = client_app
         self._on_reply = on_reply
         self._run = Run.create_empty(run_id=secrets.randbits(63))
@@ -48,7 +51,8 @@ class InProcessGrid(Grid):
             self._contexts[node_id] = Context(
                 run_id=self._run.run_id,
                 node_id=node_id,
-                node_config={"partition-id": partition_id, "num-partitions": num_nodes},
+                node_config=dict(node_configs[partition_id]) if node_configs else
+                {"partition-id": partition_id, "num-partitions": num_nodes},
                 state=RecordDict(),
                 run_config=dict(run_config or {}),
             )

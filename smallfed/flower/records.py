@@ -10,11 +10,33 @@ from torch import nn
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 NUM_EXAMPLES_KEY = "num-examples"
+CONFIG_KEY = "config"
+
+# The model's input shape and class count travel in every train and evaluate config,
+# so a device builds the model without holding (or loading) the server's dataset.
+INPUT_SHAPE_KEY = "input-shape"
+NUM_CLASSES_KEY = "num-classes"
 
 # An encoded update travels as one Array whose data are the payload's bytes exactly,
 # so the bytes counted on the Grid are len(payload), not a serialized numpy copy.
 PAYLOAD_KEY = "payload"
 PAYLOAD_STYPE = "smallfed.codec"
+
+
+def model_config(input_shape: tuple[int, ...], num_classes: int) -> dict[str, list[int] | int]:
+    """The config entries that let a client build the model: see :func:`model_shape`."""
+    return {INPUT_SHAPE_KEY: [int(d) for d in input_shape], NUM_CLASSES_KEY: int(num_classes)}
+
+
+def model_shape(msg: Message) -> tuple[tuple[int, ...], int]:
+    """(input shape, class count) from a train or evaluate message's config."""
+    config = msg.content.config_records.get(CONFIG_KEY)
+    if config is None or INPUT_SHAPE_KEY not in config or NUM_CLASSES_KEY not in config:
+        raise ValueError(
+            f"the message's config lacks '{INPUT_SHAPE_KEY}' and '{NUM_CLASSES_KEY}': the "
+            "ServerApp is older than this ClientApp; run the same smallfed version on both"
+        )
+    return tuple(int(d) for d in config[INPUT_SHAPE_KEY]), int(config[NUM_CLASSES_KEY])
 
 
 def model_to_record(model: nn.Module) -> ArrayRecord:

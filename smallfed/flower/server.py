@@ -34,7 +34,13 @@ from smallfed.flower.checkpoint import (
 from smallfed.flower.checkpoint import load as load_checkpoint
 from smallfed.flower.checkpoint import save as save_checkpoint
 from smallfed.flower.grids import MeteredGrid
-from smallfed.flower.records import load_record, model_to_record, record_arrays, record_bytes
+from smallfed.flower.records import (
+    load_record,
+    model_config,
+    model_to_record,
+    record_arrays,
+    record_bytes,
+)
 from smallfed.flower.strategy import RoundStats, SmallfedStrategy, make_inner_strategy
 from smallfed.models import build_model, model_report
 from smallfed.privacy import check_privacy_config
@@ -147,10 +153,11 @@ def run_server(  # pylint: disable=too-many-arguments
         return MetricRecord({"accuracy": accuracy, "loss": loss})
 
     started = time.perf_counter()
+    shape = model_config(dataset.input_shape, dataset.num_classes)
     strategy.start(
         grid=metered, initial_arrays=initial, num_rounds=cfg.num_server_rounds - done,
-        timeout=ROUND_TIMEOUT_S, train_config=ConfigRecord({"lr": cfg.lr}),
-        evaluate_fn=evaluate_fn,
+        timeout=ROUND_TIMEOUT_S, train_config=ConfigRecord({"lr": cfg.lr, **shape}),
+        evaluate_config=ConfigRecord(shape), evaluate_fn=evaluate_fn,
     )
     recorder.write(out)
     log(INFO, "smallfed: results in %s (%.1f s)", out.resolve(), time.perf_counter() - started)
