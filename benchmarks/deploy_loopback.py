@@ -2,17 +2,22 @@
 
 The SuperLink and 10 SuperNodes (`smallfed deploy superlink`, `smallfed edge start`,
 each with its own MNIST partition) run 3 rounds of cnn-tiny through `flwr run`. The
-script records wall time per round (results.json) and, sampling /proc every 0.2 s,
-the peak resident memory of each SuperNode's process tree (the SuperNode, its
-SuperExec and the ClientApp processes it starts). Writes
-benchmarks/results/deploy_loopback.json.
+script records
+- wall time per round (results.json);
+- the peak resident memory of each SuperNode's process tree (the SuperNode, its
+  SuperExec and the ClientApp processes it starts), sampling /proc every 0.2 s;
+- the bytes the SuperNode processes actually sent and received, TLS records and all,
+  counted by a TCP relay they connect through, per round (between two checkpoints),
+  against smallfed's own count of the round's bytes (``bytes_up``/``bytes_down``).
+Writes benchmarks/results/deploy_loopback[-TAG].json.
 
-    python benchmarks/deploy_loopback.py [--nodes 10] [--rounds 3]
+    python benchmarks/deploy_loopback.py [--nodes 10] [--rounds 3] [--codec none]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import subprocess
 import sys
@@ -29,40 +34,101 @@ from smallfed.deploy.certs import make_certificates, make_node_key  # noqa: E402
 from tests.test_deploy import (  # noqa: E402
     BIN,
     Processes,
+    checkpointed,
     flwr_env,
     free_port,
     start_superlink,
 )
 
 
-def tree_rss_mb(root: int) -> float:
-    """Resident memory of ``root`` and all its descendants, in MB."""
+def tree_rss_mb(root: int) -> dict[str, float]:
+    """Resident memory of ``root`` and all its descendants, in MB, by program name."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+    rss: dict[int, tuple[str, int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             status = (entry / "status").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         pid, ppid = int(entry.name), int(fields[1])
         children.setdefault(ppid, []).append(pid)
-        rss[pid] = next((int(line.split()[1]) for line in status.splitlines()
-                         if line.startswith("VmRSS:")), 0)
-    total, stack = 0, [root]
+        # The program, not its interpreter: `python .../flower-supernode` is flower-supernode.
+        name = next((Path(a.decode()).name for a in argv
+                     if a and not Path(a.decode()).name.startswith("python")), "?")
+        rss[pid] = name, next((int(line.split()[1]) for line in status.splitlines()
+                               if line.startswith("VmRSS:")), 0)
+    by_name: dict[str, float] = {}
+    stack = [root]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
+        if pid in rss:
+            name, kb = rss[pid]
+            by_name[name] = by_name.get(name, 0.0) + kb / 1024
         stack.extend(children.get(pid, []))
-    return total / 1024
+    return by_name
+
+
+class CountingRelay:
+    """A TCP relay on loopback that counts the bytes each way, for measuring only.
+
+    The SuperNodes connect to it instead of to the SuperLink; it passes the (TLS) bytes
+    through unread. smallfed never uses it: Flower's gRPC is the transport.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port, self.port = target_port, free_port()
+        self.up = self.down = 0  # node -> SuperLink, SuperLink -> node
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        threading.Thread(target=self._serve, args=(ready,), daemon=True).start()
+        if not ready.wait(30):
+            raise TimeoutError("the relay did not start")
+
+    def counts(self) -> tuple[int, int]:
+        return self.up, self.down
+
+    def _serve(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(asyncio.start_server(self._connect, "127.0.0.1", self.port))
+        ready.set()
+        self._loop.run_forever()
+
+    async def _connect(self, node_r: asyncio.StreamReader, node_w: asyncio.StreamWriter) -> None:
+        try:
+            link_r, link_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            node_w.close()
+            return
+        await asyncio.gather(self._pipe(node_r, link_w, up=True),
+                             self._pipe(link_r, node_w, up=False))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    up: bool) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                if up:
+                    self.up += len(data)
+                else:
+                    self.down += len(data)
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--codec", default="none", help="the uplink codec (codec key)")
+    parser.add_argument("--idle-s", type=float, default=20.0,
+                        help="seconds of idle traffic (heartbeats) measured before the run")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="smallfed-deploy-"))
     cfg = load_config("simulations/mnist.toml", []).replace(num_clients=args.nodes,
@@ -75,47 +141,75 @@ def main() -> None:
     env = flwr_env(home, port, certs["ca.crt"])
     procs = Processes(env, tmp)
     smallfed, flwr = str(BIN / "smallfed"), str(BIN / "flwr")
-    peaks: dict[int, float] = {}
+    peaks: dict[int, float] = {}  # node -> peak of its whole tree
+    parts: dict[str, float] = {}  # program -> its peak in any node's tree
+    wire: dict[int, tuple[int, int]] = {}  # round -> relay counts when it was checkpointed
     done = threading.Event()
     try:
         start_superlink(procs, tmp, port)
+        relay = CountingRelay(port)
         for _, public in keys:
             subprocess.run([flwr, "supernode", "register", str(public), "tls"], env=env,
                            capture_output=True, timeout=60, check=True)
         nodes = [procs.start(f"sn{i}", [
-            smallfed, "edge", "start", "--superlink", f"127.0.0.1:{port}", "--data-dir",
+            smallfed, "edge", "start", "--superlink", f"127.0.0.1:{relay.port}", "--data-dir",
             str(tmp / f"data{i}"), "--root-cert", str(certs["ca.crt"]), "--auth-key",
             str(keys[i][0]), "--port", str(free_port())]) for i in range(args.nodes)]
 
         def sample() -> None:
             while not done.is_set():
                 for i, node in enumerate(nodes):
-                    peaks[i] = max(peaks.get(i, 0.0), tree_rss_mb(node.pid))
+                    by_name = tree_rss_mb(node.pid)
+                    peaks[i] = max(peaks.get(i, 0.0), sum(by_name.values()))
+                    for name, mb in by_name.items():
+                        parts[name] = max(parts.get(name, 0.0), mb)
+                wire.setdefault(checkpointed(out), relay.counts())
                 done.wait(0.2)
 
+        done.wait(10)  # the nodes connect and activate
+        idle_start = relay.counts()
+        done.wait(args.idle_s)
+        idle = [b - a for a, b in zip(idle_start, relay.counts())]
         threading.Thread(target=sample, daemon=True).start()
         config = (f"num-server-rounds={args.rounds} num-clients={args.nodes} "
-                  f"clients-per-round={args.nodes} dataset='mnist' "
+                  f"clients-per-round={args.nodes} dataset='mnist' codec='{args.codec}' "
                   f"data-dir='{ROOT.parent / 'shared/data/mnist'}' out-dir='{out}'")
         run = subprocess.run([flwr, "run", ".", "tls", "--stream", "--run-config", config],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
         if run.returncode:
             raise RuntimeError(run.stdout[-3000:] + run.stderr[-3000:])
+        wire.setdefault(args.rounds, relay.counts())  # in case the sampler missed the last
     finally:
         done.set()
         procs.stop_all(str(tmp))
     results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
     report = {
         "nodes": args.nodes,
+        "codec": args.codec,
         "wall_time_per_round_s": [r["wall_time_s"] for r in results["rounds"][1:]],
         "clients_per_round": [r["clients"] for r in results["rounds"][1:]],
         "bytes_up_per_round": [r["bytes_up"] for r in results["rounds"][1:]],
         "bytes_down_per_round": [r["bytes_down"] for r in results["rounds"][1:]],
         "final_accuracy": results["summary"]["final_accuracy"],
         "peak_rss_mb_per_supernode": [round(peaks[i], 1) for i in sorted(peaks)],
+        "peak_rss_mb_by_program": {name: round(mb, 1) for name, mb in sorted(parts.items())},
+        "idle_wire_bytes_per_s_all_nodes": [round(b / args.idle_s) for b in idle],
+        # Round r's wire bytes: what crossed between checkpoints r-1 and r. Round 1 also
+        # holds each node fetching the run and its app bundle (FAB), and discovery.
+        "wire_bytes_up_per_round": [wire[r][0] - wire[r - 1][0] for r in range(1, args.rounds + 1)],
+        "wire_bytes_down_per_round": [
+            wire[r][1] - wire[r - 1][1] for r in range(1, args.rounds + 1)],
+        "wire_over_counted_up": [round((wire[r][0] - wire[r - 1][0]) / rounds[r]["bytes_up"], 4)
+                                 for r in range(1, args.rounds + 1)],
+        "wire_over_counted_down": [
+            round((wire[r][1] - wire[r - 1][1]) / rounds[r]["bytes_down"], 4)
+            for r in range(1, args.rounds + 1)],
     }
     print(json.dumps(report, indent=2))
-    Path("benchmarks/results/deploy_loopback.json").write_text(json.dumps(report, indent=2) + "\n")
+    tag = "" if args.codec == "none" else "-" + "".join(c if c.isalnum() else "_" for c in args.codec)
+    Path(f"benchmarks/results/deploy_loopback{tag}.json").write_text(
+        json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """A real deployment on loopback: a SuperLink with TLS and node authentication, three
 SuperNodes started with `smallfed edge start`, each with its own data folder, and a
 `flwr run` of six compressed rounds. One SuperNode is killed after round 1 (the run
-goes on without it) and started again after round 2 (it rejoins). A node with an
+goes on without it) and started again after round 2 (it rejoins); after round 3 the
+run is stopped with `flwr stop`, and a second `flwr run` resumes it from its last
+checkpoint (the `resume` key). A node with an
 unregistered key and a node that does not trust the SuperLink's certificate are
 refused. Every process the test starts is stopped by PID, also when it fails.
 """
@@ -46,15 +48,33 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
 
 def after_round(out: Path, round_: int, run: subprocess.Popen, timeout: float = 600) -> None:
     """Wait until the run has checkpointed ``round_``."""
-    state, deadline = out / "checkpoint" / "state.json", time.monotonic() + timeout
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and run.poll() is None:
-        try:
-            if json.loads(state.read_text())["round"] >= round_:
-                return
-        except (OSError, ValueError, KeyError):
-            pass  # not written yet, or being replaced
+        if checkpointed(out) >= round_:
+            return
         time.sleep(0.5)
     raise TimeoutError(f"round {round_} not checkpointed (run exit code {run.poll()})")
+
+
+def checkpointed(out: Path) -> int:
+    """The last round checkpointed in ``out``, -1 before the first."""
+    try:
+        return int(json.loads((out / "checkpoint" / "state.json").read_text())["round"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def stop_run(env: dict[str, str], run: subprocess.Popen) -> None:
+    """`flwr stop` the one running run, and wait for its `flwr run --stream` to end."""
+    listed = subprocess.run([str(BIN / "flwr"), "ls", "tls", "--format", "json"], env=env,
+                            capture_output=True, text=True, timeout=60, check=True)
+    running = [r["run-id"] for r in json.loads(listed.stdout)["runs"]
+               if r["status"].startswith("running")]
+    assert len(running) == 1, listed.stdout
+    stopped = subprocess.run([str(BIN / "flwr"), "stop", str(running[0]), "tls"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == 0, stopped
+    run.wait(timeout=120)
 
 
 def flwr_env(home: Path, port: int, ca: Path) -> dict[str, str]:
@@ -135,14 +155,22 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
         assert distrust.wait(timeout=120) != 0
         assert "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "distrust.log").read_text()
 
+        # No error feedback: its residuals live on the nodes, and a resumed run (a new
+        # Flower run, fresh node contexts) would lose them, so resume refuses it.
         config = ("num-server-rounds=6 num-clients=3 clients-per-round=3 "
-                  f"codec='topk:0.1,quantize:4,error_feedback' out-dir='{out}'")
+                  f"codec='topk:0.1,quantize:4' out-dir='{out}' resume=true")
         run = procs.start("run", [flwr, "run", ".", "tls", "--stream", "--run-config", config])
         after_round(out, 1, run)
         os.killpg(procs.started[1].pid, signal.SIGKILL)  # supernode0 dies
         after_round(out, 2, run)
         procs.start("supernode0-again", edge(keys[0][0], tmp_path / "data0", certs["ca.crt"]))
-        assert run.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+        after_round(out, 3, run)
+        stop_run(env, run)  # the operator stops the ServerApp mid-run ...
+        stopped_at = checkpointed(out)
+        assert stopped_at < 6 and not (out / "results.json").exists()
+        resumed = procs.start("resumed", [flwr, "run", ".", "tls", "--stream", "--run-config",
+                                          config])  # ... and starts it again
+        assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     finally:
         procs.stop_all(str(tmp_path))
     assert not pids_using(str(tmp_path))
@@ -157,6 +185,11 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
     assert all(r["updates_rejected"] == 0 for r in rounds)
     assert results["summary"]["compression_ratio_up"] > 10
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
+    # The resumed run went on after the last checkpoint of the stopped one: every round
+    # once, the rounds before the stop as recorded then.
+    assert [r["round"] for r in rounds] == list(range(7))
+    assert f"resuming {out} after round {stopped_at} of 6" in (
+        tmp_path / "resumed.log").read_text()
 
 
 def test_no_training_sample_leaves_a_client(tmp_path: Path) -> None:
