@@ -248,6 +248,19 @@ def test_a_device_trains_without_the_servers_dataset(tmp_path: Path) -> None:
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
 
 
+def test_a_device_imports_only_its_own_packages() -> None:
+    """The ClientApp and `smallfed edge start` need Flower, torch and numpy only: the
+    packages of clients/requirements-edge.txt. Server and simulation packages would cost
+    a device memory (opacus ~115 MB, datasets with pandas ~160 MB) or not be there."""
+    server_only = ["ray", "opacus", "scipy", "sklearn", "datasets", "flwr_datasets", "pandas",
+                   "pyarrow", "onnx", "onnxruntime", "matplotlib"]
+    code = ("import sys, clients.client_app, smallfed.cli, smallfed.deploy.launch; "
+            f"print([m for m in {server_only!r} if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
 def test_keys_are_private_and_never_overwritten(tmp_path: Path) -> None:
     private, public = make_node_key(tmp_path, "node")
     assert private.stat().st_mode & 0o777 == 0o600
