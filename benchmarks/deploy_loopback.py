@@ -41,10 +41,12 @@ from tests.test_deploy import (  # noqa: E402
 )
 
 
-def tree_rss_mb(root: int) -> dict[str, float]:
-    """Resident memory of ``root`` and all its descendants, in MB, by program name."""
+def tree_rss_mb(root: int) -> dict[str, tuple[float, float]]:
+    """Resident memory of ``root`` and all its descendants, in MB, by program name:
+    (all resident pages, the anonymous ones). Anonymous pages are each process's own;
+    the rest (shared libraries) the processes of one device partly share."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, tuple[str, int]] = {}
+    rss: dict[int, tuple[str, int, int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -59,15 +61,17 @@ def tree_rss_mb(root: int) -> dict[str, float]:
         # The program, not its interpreter: `python .../flower-supernode` is flower-supernode.
         name = next((Path(a.decode()).name for a in argv
                      if a and not Path(a.decode()).name.startswith("python")), "?")
-        rss[pid] = name, next((int(line.split()[1]) for line in status.splitlines()
-                               if line.startswith("VmRSS:")), 0)
-    by_name: dict[str, float] = {}
+        kb = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines()
+              if line.startswith(("VmRSS:", "RssAnon:"))}
+        rss[pid] = name, kb.get("VmRSS", 0), kb.get("RssAnon", 0)
+    by_name: dict[str, tuple[float, float]] = {}
     stack = [root]
     while stack:
         pid = stack.pop()
         if pid in rss:
-            name, kb = rss[pid]
-            by_name[name] = by_name.get(name, 0.0) + kb / 1024
+            name, total, anon = rss[pid]
+            was = by_name.get(name, (0.0, 0.0))
+            by_name[name] = (was[0] + total / 1024, was[1] + anon / 1024)
         stack.extend(children.get(pid, []))
     return by_name
 
@@ -142,6 +146,7 @@ def main() -> None:
     procs = Processes(env, tmp)
     smallfed, flwr = str(BIN / "smallfed"), str(BIN / "flwr")
     peaks: dict[int, float] = {}  # node -> peak of its whole tree
+    anon_peaks: dict[int, float] = {}  # node -> peak of its tree's anonymous pages
     parts: dict[str, float] = {}  # program -> its peak in any node's tree
     wire: dict[int, tuple[int, int]] = {}  # round -> relay counts when it was checkpointed
     done = threading.Event()
@@ -160,8 +165,10 @@ def main() -> None:
             while not done.is_set():
                 for i, node in enumerate(nodes):
                     by_name = tree_rss_mb(node.pid)
-                    peaks[i] = max(peaks.get(i, 0.0), sum(by_name.values()))
-                    for name, mb in by_name.items():
+                    peaks[i] = max(peaks.get(i, 0.0), sum(t for t, _ in by_name.values()))
+                    anon_peaks[i] = max(anon_peaks.get(i, 0.0),
+                                        sum(a for _, a in by_name.values()))
+                    for name, (mb, _) in by_name.items():
                         parts[name] = max(parts.get(name, 0.0), mb)
                 wire.setdefault(checkpointed(out), relay.counts())
                 done.wait(0.2)
@@ -193,7 +200,9 @@ def main() -> None:
         "bytes_down_per_round": [r["bytes_down"] for r in results["rounds"][1:]],
         "final_accuracy": results["summary"]["final_accuracy"],
         "peak_rss_mb_per_supernode": [round(peaks[i], 1) for i in sorted(peaks)],
-        "peak_rss_mb_by_program": {name: round(mb, 1) for name, mb in sorted(parts.items())},
+        "peak_anon_rss_mb_per_supernode": [round(anon_peaks[i], 1) for i in sorted(anon_peaks)],
+        "peak_rss_mb_by_program": {name: round(mb, 1) for name, mb in sorted(parts.items())
+                                   if name != "?"},
         "idle_wire_bytes_per_s_all_nodes": [round(b / args.idle_s) for b in idle],
         # Round r's wire bytes: what crossed between checkpoints r-1 and r. Round 1 also
         # holds each node fetching the run and its app bundle (FAB), and discovery.
