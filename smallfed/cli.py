@@ -146,6 +146,8 @@ def cmd_edge(args: argparse.Namespace) -> int:
 
     console = Console()
     console.print(f"device check: {launch.check_device(args.data_dir, args.profile, args.model, args.batch_size)}")
+    if warning := launch.memory_warning():
+        Console(stderr=True).print(f"[bold yellow]WARNING: {warning}[/]")
     if args.insecure:
         Console(stderr=True).print(f"[bold red]{launch.INSECURE_WARNING}[/]")
     command = launch.supernode_command(args.superlink, args.data_dir, args.profile,

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from smallfed.config import Config
@@ -268,3 +269,29 @@ def test_keys_are_private_and_never_overwritten(tmp_path: Path) -> None:
         with pytest.raises((FileExistsError, ValueError)):
             make_node_key(tmp_path, bad)
     assert not (tmp_path.parent / "escape").exists()
+
+
+def test_edge_start_says_what_is_wrong_before_connecting(tmp_path: Path) -> None:
+    from smallfed.config import ConfigError
+    from smallfed.deploy.launch import check_device, memory_warning, supernode_command
+
+    with pytest.raises(ConfigError, match="no data.npz"):
+        check_device(tmp_path, "rpi4", "cnn-tiny", 32)
+    bad = {"shapes": (np.zeros((5, 8, 8), np.float32), np.zeros(5, np.int64)),
+           "labels": (np.zeros((5, 1, 8, 8), np.float32), np.full(5, -1))}
+    for problem, (x, y) in bad.items():
+        np.savez(tmp_path / "data.npz", x=x, y=y)
+        with pytest.raises(ConfigError, match={"shapes": "expected x", "labels": ">= 0"}[problem]):
+            check_device(tmp_path, "rpi4", "cnn-tiny", 32)
+    np.savez(tmp_path / "data.npz", x=np.zeros((5, 1, 28, 28), np.float32), y=np.arange(5))
+    with pytest.raises(ConfigError, match="not one of"):
+        check_device(tmp_path, "toaster", "cnn-tiny", 32)
+    with pytest.raises(ConfigError, match="profile iot allows"):
+        check_device(tmp_path, "iot", "cnn-tiny", 32)
+    assert "5 samples of shape (1, 28, 28)" in check_device(tmp_path, "rpi4", "cnn-tiny", 32)
+    with pytest.raises(ConfigError, match="--root-cert"):
+        supernode_command("host:8000", tmp_path, "rpi4", None, None)
+    for available_kb, warns in ((200 * 1024, True), (4 * 2**20, False)):
+        (tmp_path / "meminfo").write_text(f"MemTotal: 8000000 kB\nMemAvailable: {available_kb} kB\n")
+        assert bool(memory_warning(tmp_path / "meminfo")) == warns
+    assert memory_warning(tmp_path / "absent") == ""

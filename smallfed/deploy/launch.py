@@ -88,6 +88,27 @@ def check_device(data_dir: str | Path, profile: str, model: str, batch_size: int
             f"{need / 2**20:.1f} of {allowed / 2**20:.0f} MiB")
 
 
+# Peak resident memory of one SuperNode's process tree (SuperNode, SuperExec, ClientApp)
+# training cnn-tiny, in MB: benchmarks/deploy_loopback.py, BENCHMARKS.md.
+SUPERNODE_PEAK_MB = 680
+
+
+def memory_warning(meminfo: str | Path = "/proc/meminfo") -> str:
+    """A warning when this machine has less memory available than a SuperNode took at
+    its peak in the benchmark, or '' (also where /proc/meminfo cannot be read)."""
+    try:
+        fields = {line.split(":")[0]: line.split()[1]
+                  for line in Path(meminfo).read_text().splitlines() if ":" in line}
+        available_mb = int(fields["MemAvailable"]) // 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return ""
+    if available_mb >= SUPERNODE_PEAK_MB:
+        return ""
+    return (f"only {available_mb} MB of memory is available; a SuperNode training cnn-tiny "
+            f"took up to {SUPERNODE_PEAK_MB} MB in smallfed's benchmark (BENCHMARKS.md). "
+            "Stop other services, or expect the kernel to kill it mid-round")
+
+
 def supernode_command(superlink: str, data_dir: str | Path, profile: str,
                       root_cert: str | Path | None, auth_key: str | Path | None,
                       port: int = 9094, insecure: bool = False) -> list[str]:
