@@ -133,3 +133,23 @@ def test_a_restarted_server_app_resumes_from_out_dir(tmp_path: Path) -> None:
         server_app(stateful, stop_after(1))
     with pytest.raises(ConfigError, match="client state .* is not checkpointed"):
         server_app(stateful.replace(resume=True))
+
+
+def test_clients_csv_grows_outside_the_checkpoint_and_resumes_exactly(tmp_path: Path) -> None:
+    """Device rows are appended to clients.csv each round; the checkpoint keeps their
+    count only, and a resume drops rows of a round the checkpoint did not finish."""
+    cfg = Config(num_server_rounds=3, num_clients=8, clients_per_round=4, seed=5,
+                 local_epochs=1, batch_size=32, devices="rpi4:0.5,phone-low:0.5")
+    whole = tmp_path / "whole"
+    simulate(cfg, whole, progress=False)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(Stop):
+        simulate(cfg, stopped, progress=False, on_round=stop_after(2))
+    state = json.loads((stopped / "checkpoint" / "state.json").read_text())
+    assert "clients" not in state["server"]["recorder"]
+    assert state["server"]["recorder"]["clients_rows"] == 8  # two rounds of 4
+    with open(stopped / "clients.csv", "a") as fh:  # a round 3 that never checkpointed
+        fh.write("3,99,rpi4,finished,1,1,1.0,1.0,1.0\n")
+    simulate(cfg, stopped, progress=False, resume=True)
+    assert (stopped / "clients.csv").read_text() == (whole / "clients.csv").read_text()
+    assert len((whole / "clients.csv").read_text().splitlines()) == 1 + 12

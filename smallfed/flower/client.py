@@ -26,7 +26,7 @@ from smallfed.compact.sharing import is_share_round, shared_names, shared_traini
 from smallfed.config import Config
 from smallfed.data import federated_data
 from smallfed.devices import PROFILES, profile_of, training_memory_bytes
-from smallfed.flower.codec_mod import make_codec_mod
+from smallfed.flower.codec_mod import client_key, make_codec_mod
 from smallfed.flower.records import (
     ARRAYS_KEY,
     METRICS_KEY,
@@ -89,7 +89,6 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         model = load_record(fresh_model(config, msg), msg.content[ARRAYS_KEY])
         x, y = client_data(config, context)
         server_round = int(msg.content["config"]["server-round"])
-        pid = partition_id(context)
         masks = read_masks(msg.content, model_template(config, msg))
         refusal = memory_refusal(config, context, model, tuple(x.shape[1:]))
         if refusal:
@@ -97,7 +96,7 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         if config.privacy == "sample":  # user-level DP is the server's work
             return train_with_dp(msg, context, config, model, x, y, server_round, masks)
         mu = float(msg.content["config"].get("proximal-mu", 0.0))
-        gen = client_generator(config.seed, server_round, pid)
+        gen = client_generator(config.seed, server_round, client_key(context))
         shared = []
         if is_share_round(config, server_round):
             shared, config = shared_names(model), config.replace(lr=config.share_lr)
@@ -171,7 +170,7 @@ def train_with_dp(
         saved["noise"], saved["rate"], [int(s) for s in saved["steps"]]))
     # The noise must be secret: OS entropy, unless the run asks to be reproducible.
     seed = secrets.randbits(63) if not config.dp_reproducible else int(np.random.SeedSequence(
-        [config.seed, server_round, partition_id(context) + 1, 7]).generate_state(1)[0])
+        [config.seed, server_round, client_key(context) + 1, 7]).generate_state(1)[0])
     with torch_threads(CLIENT_THREADS), masked_training(model, masks):
         outcome = train_private(model, x, y, config, seed, history, masks)
     noise, rate, steps = zip(*outcome.history) if outcome.history else ((), (), ())

@@ -33,6 +33,13 @@ RESIDUAL_KEY = "smallfed-codec-residual"
 Template = dict[str, tuple[int, ...]]
 
 
+def client_key(context: Context) -> int:
+    """What keeps this client's random draws (shuffling, encoding) its own: its partition
+    id in simulation; on a device, which has none, its node id."""
+    pid = int(context.node_config.get("partition-id", -1))
+    return pid if pid >= 0 else context.node_id % 2**31
+
+
 def is_payload(record: ArrayRecord) -> bool:
     return any(array.stype == PAYLOAD_STYPE for array in record.values())
 
@@ -58,10 +65,9 @@ def make_codec_mod(
         if up.error_feedback and RESIDUAL_KEY in context.state:
             residual = compact(record_arrays(context.state[RESIDUAL_KEY]), masks)
         server_round = int(msg.content["config"]["server-round"])
-        # A device has no partition id; its node id keeps its random draws its own.
-        pid = int(context.node_config.get("partition-id", context.node_id % 2**31))
         payload, residual = up.encode(compact(delta, masks),
-                                      encoding_seed(seed, server_round, pid, downlink=False),
+                                      encoding_seed(seed, server_round, client_key(context),
+                                                    downlink=False),
                                       residual)
         if residual is not None:  # kept dense; what fell on pruned weights is gone with them
             context.state[RESIDUAL_KEY] = arrays_record(expand(residual, masks, template))

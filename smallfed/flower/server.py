@@ -115,7 +115,7 @@ def run_server(  # pylint: disable=too-many-arguments
         done = strategy.round_offset = resume.round
         restore_strategy(strategy.inner, resume.strategy)
         strategy.restore(resume.server["strategy"])
-        recorder.restore(resume.server["recorder"])
+        recorder.restore(resume.server["recorder"], out)
         log(INFO, "smallfed: resuming %s after round %d of %d", out, done, cfg.num_server_rounds)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -138,7 +138,8 @@ def run_server(  # pylint: disable=too-many-arguments
             clients_offline=stats.offline,
         )
         if strategy.clock is not None:
-            recorder.clients.extend(asdict(row) for row in strategy.clock.rows)
+            rows = sorted(strategy.clock.rows, key=lambda row: (row.round, row.partition))
+            recorder.add_clients(out, [asdict(row) for row in rows])  # same order every run
             strategy.clock.rows.clear()
         save_checkpoint(out, Checkpoint(
             round=server_round, config=cfg.to_dict(), global_arrays=record_arrays(arrays),

@@ -24,7 +24,9 @@ Schema version 1 (README "Results"):
   until ``target-accuracy`` was first reached; null if never, or without devices).
 
 With device simulation ``clients.csv`` has a row per sampled client and round: its
-device, status, bytes each way and simulated compute, transfer and total seconds.
+device, status, bytes each way and simulated compute, transfer and total seconds. It
+grows as the run goes (rows appended each round); a checkpoint keeps only its row
+count, so checkpoints do not grow with the run.
 
 Later features add fields; they never change the meaning of one.
 """
@@ -37,6 +39,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from smallfed.config import ConfigError
 
 SCHEMA_VERSION = 1
 ROUND_FIELDS = (
@@ -77,7 +81,7 @@ class RunRecorder:
     delta: float | None = None
     target_accuracy: float = 1.0
     rounds: list[RoundRecord] = field(default_factory=list)
-    clients: list[dict[str, Any]] = field(default_factory=list)  # clients.csv rows
+    clients_rows: int = 0  # rows in clients.csv
     models_sent: int = 0
     elapsed_before: float = 0.0  # seconds spent before a resume
     started: float = field(default_factory=time.perf_counter)
@@ -92,19 +96,46 @@ class RunRecorder:
         self.rounds.append(record)
         return record
 
+    def add_clients(self, out_dir: str | Path, rows: list[dict[str, Any]]) -> None:
+        """Append a round's rows to ``out_dir/clients.csv`` (a new file for the first)."""
+        if not rows:
+            return
+        path = Path(out_dir) / "clients.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a" if self.clients_rows else "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            if not self.clients_rows:
+                writer.writeheader()
+            writer.writerows(rows)
+        self.clients_rows += len(rows)
+
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the recorder (JSON)."""
         return {"rounds": [asdict(r) for r in self.rounds], "models_sent": self.models_sent,
-                "elapsed_s": self.elapsed(), "clients": self.clients}
+                "elapsed_s": self.elapsed(), "clients_rows": self.clients_rows}
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any], out_dir: str | Path) -> None:
+        """Go on from a checkpoint of a run that writes to ``out_dir``: rows of clients.csv
+        past the checkpoint's count (a round it did not finish) are dropped."""
         self.rounds = [RoundRecord(**row) for row in state["rounds"]]
         self.models_sent = int(state["models_sent"])
         self.elapsed_before = float(state["elapsed_s"])
-        self.clients = list(state.get("clients", []))  # absent before device simulation
+        path = Path(out_dir) / "clients.csv"
+        if "clients" in state:  # older checkpoints held the rows themselves
+            self.clients_rows = 0
+            self.add_clients(out_dir, list(state["clients"]))
+            return
+        self.clients_rows = int(state.get("clients_rows", 0))
+        if not self.clients_rows:
+            return
+        lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+        if len(lines) < 1 + self.clients_rows:
+            raise ConfigError(f"{path} has {max(len(lines) - 1, 0)} rows, the checkpoint "
+                             f"counts {self.clients_rows}: it was changed or removed since")
+        path.write_text("".join(lines[:1 + self.clients_rows]))
 
     def results(self) -> dict[str, Any]:
         final = self.rounds[-1] if self.rounds else None
@@ -148,7 +179,8 @@ class RunRecorder:
         return {"sim_time_s": round(elapsed, 3), "sim_time_to_target_s": to_target}
 
     def write(self, out_dir: str | Path) -> dict[str, Any]:
-        """Write results.json and rounds.csv into ``out_dir``; return the results."""
+        """Write results.json and rounds.csv into ``out_dir`` (clients.csv is there
+        already); return the results."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         results = self.results()
@@ -159,9 +191,4 @@ class RunRecorder:
             writer = csv.DictWriter(fh, fieldnames=ROUND_FIELDS)
             writer.writeheader()
             writer.writerows(results["rounds"])
-        if self.clients:
-            with open(out / "clients.csv", "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(self.clients[0]))
-                writer.writeheader()
-                writer.writerows(self.clients)
         return results
