@@ -96,3 +96,15 @@ def test_a_device_without_the_memory_is_refused_with_a_reason(tmp_path: Path) ->
     with open(tmp_path / "clients.csv") as fh:
         statuses = {row["status"] for row in csv.DictReader(fh)}
     assert statuses <= {"declined", "offline"} and "declined" in statuses
+
+
+def test_dp_sgd_memory_counts_the_per_sample_gradients() -> None:
+    from smallfed.devices import training_memory_bytes
+
+    model = build_model("cnn-tiny", (1, 28, 28), 10, 0)
+    params = sum(p.numel() for p in model.parameters())
+    plain = training_memory_bytes(model, (1, 28, 28), Config(batch_size=16))
+    private = training_memory_bytes(model, (1, 28, 28), Config(batch_size=16, privacy="sample",
+                                                               dp_noise=1.0))
+    # 16 + 3 * 4 = 28 per-sample gradients of every parameter, and 28 samples' activations
+    assert private - plain >= 4 * params * 28

@@ -6,6 +6,8 @@ In simulation a client's profile follows from its partition id and the run's see
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from torch import nn
 
@@ -36,9 +38,17 @@ def training_flops_per_sample(model: nn.Module, input_shape: tuple[int, int, int
 def training_memory_bytes(model: nn.Module, input_shape: tuple[int, int, int],
                           cfg: Config) -> int:
     """fp32 bytes training needs: weights, gradients, optimizer state, and the
-    activations of one batch kept for the backward pass (inputs included)."""
+    activations of one batch kept for the backward pass (inputs included).
+
+    DP-SGD (``privacy = "sample"``) also holds one gradient per sample of the batch
+    (Opacus's ``grad_sample``); its Poisson-sampled batches are counted at their
+    expected size plus three standard deviations, which they rarely pass.
+    """
     params = sum(p.numel() for p in model.parameters())
     optimizer = 2 if cfg.optimizer == "adam" else (1 if cfg.momentum > 0 else 0)
-    activations = (activation_count(model, input_shape)
-                   + int(np.prod(input_shape))) * cfg.batch_size
-    return 4 * (params * (2 + optimizer) + activations)
+    batch = cfg.batch_size
+    if cfg.privacy == "sample":
+        batch = math.ceil(batch + 3 * math.sqrt(batch))
+    activations = (activation_count(model, input_shape) + int(np.prod(input_shape))) * batch
+    per_sample = params * batch if cfg.privacy == "sample" else 0
+    return 4 * (params * (2 + optimizer) + activations + per_sample)
