@@ -108,3 +108,26 @@ def test_dp_sgd_memory_counts_the_per_sample_gradients() -> None:
                                                                dp_noise=1.0))
     # 16 + 3 * 4 = 28 per-sample gradients of every parameter, and 28 samples' activations
     assert private - plain >= 4 * params * 28
+
+
+def test_stragglers_past_the_deadline_are_left_out_of_the_round(tmp_path: Path) -> None:
+    """phone-high rounds take ~0.12 s here, phone-low ~0.34 s: a 0.25 s deadline drops
+    every phone-low update, end to end through the ServerApp."""
+    cfg = Config(num_server_rounds=2, num_clients=10, clients_per_round=10, seed=4,
+                 local_epochs=1, batch_size=32, devices="phone-high:0.5,phone-low:0.5",
+                 round_deadline_s=0.25)
+    results = simulate(cfg, tmp_path, progress=False)
+    with open(tmp_path / "clients.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for record in results["rounds"][1:]:
+        mine = [r for r in rows if int(r["round"]) == record["round"]]
+        dropped = [r for r in mine if r["status"] == "dropped"]
+        finished = [r for r in mine if r["status"] == "finished"]
+        assert {r["device"] for r in dropped} <= {"phone-low"}
+        assert {r["device"] for r in finished} <= {"phone-high"}
+        assert record["clients_dropped"] == len(dropped)
+        assert record["clients"] == record["clients_finished"] == len(finished)
+        assert all(float(r["total_s"]) > 0.25 for r in dropped)
+        if dropped:  # the server waited for them until the deadline
+            assert record["sim_time_s"] == pytest.approx(0.25)
+    assert sum(r["clients_dropped"] for r in results["rounds"]) > 0
