@@ -249,6 +249,34 @@ def test_a_device_trains_without_the_servers_dataset(tmp_path: Path) -> None:
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
 
 
+def test_a_device_whose_data_does_not_fit_the_model_fails_clearly(tmp_path: Path) -> None:
+    """A device with images of another shape, or labels past the class count, fails its
+    reply with a message saying so; the round goes on with the others."""
+    from smallfed.flower.client import build_client_app
+    from smallfed.flower.inprocess import InProcessGrid
+    from smallfed.flower.server import build_server_app
+
+    cfg = Config(num_server_rounds=1, num_clients=3, clients_per_round=3, local_epochs=1,
+                 fraction_evaluate=1.0)
+    write_device_data(cfg, 0, tmp_path / "good")
+    for name, x, y in (("shape", np.zeros((6, 1, 4, 4), np.float32), np.arange(6)),
+                       ("labels", np.zeros((6, 1, 8, 8), np.float32), np.arange(6) + 8)):
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "data.npz", x=x, y=y)
+    replies = []
+    grid = InProcessGrid(build_client_app(cfg), 3, run_config=cfg.to_dict(),
+                         on_reply=replies.append,
+                         node_configs=[{"data-dir": str(tmp_path / d)}
+                                       for d in ("good", "shape", "labels")])
+    build_server_app(cfg, tmp_path / "out")(grid, grid.server_context())
+    reasons = [r.error.reason for r in replies if r.has_error()]
+    assert len(reasons) == 4  # two nodes, train and evaluate
+    assert sum("samples have shape (1, 4, 4), the model takes (1, 8, 8)" in r for r in reasons) == 2
+    assert sum("labels run from 8 to 13, the model has 10 classes" in r for r in reasons) == 2
+    rounds = json.loads((tmp_path / "out" / "results.json").read_text())["rounds"]
+    assert rounds[1]["clients"] == 1 and rounds[1]["clients_failed"] == 2
+
+
 def test_a_device_imports_only_its_own_packages() -> None:
     """The ClientApp and `smallfed edge start` need Flower, torch and numpy only: the
     packages of clients/requirements-edge.txt. Server and simulation packages would cost

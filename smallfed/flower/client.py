@@ -48,6 +48,18 @@ def client_data(cfg: Config, context: Context) -> tuple[torch.Tensor, torch.Tens
     return federated_data(cfg).client(partition_id(context))
 
 
+def check_data(msg: Message, x: torch.Tensor, y: torch.Tensor) -> None:
+    """ValueError (the node's reply becomes a failure the server logs) when this node's
+    data does not fit the model the server sends: say so before training on it."""
+    input_shape, num_classes = model_shape(msg)
+    if tuple(x.shape[1:]) != input_shape:
+        raise ValueError(f"this node's samples have shape {tuple(x.shape[1:])}, the model "
+                         f"takes {input_shape}: preprocess data.npz like the server's dataset")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"this node's labels run from {int(y.min())} to {int(y.max())}, the "
+                         f"model has {num_classes} classes (0 to {num_classes - 1})")
+
+
 def partition_id(context: Context) -> int:
     return int(context.node_config.get("partition-id", -1))
 
@@ -88,6 +100,7 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         config = config_of(context)
         model = load_record(fresh_model(config, msg), msg.content[ARRAYS_KEY])
         x, y = client_data(config, context)
+        check_data(msg, x, y)
         server_round = int(msg.content["config"]["server-round"])
         masks = read_masks(msg.content, model_template(config, msg))
         refusal = memory_refusal(config, context, model, tuple(x.shape[1:]))
@@ -113,6 +126,7 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         config = config_of(context)
         model = load_record(fresh_model(config, msg), msg.content[ARRAYS_KEY])
         x, y = client_data(config, context)
+        check_data(msg, x, y)
         with torch_threads(CLIENT_THREADS):
             loss, accuracy = evaluate(model, x, y)
         metrics = MetricRecord(
