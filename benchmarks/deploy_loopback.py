@@ -80,7 +80,7 @@ class CountingRelay:
     """A TCP relay on loopback that counts the bytes each way, for measuring only.
 
     The SuperNodes connect to it instead of to the SuperLink; it passes the (TLS) bytes
-    through unread. smallfed never uses it: Flower's gRPC is the transport.
+    through unread. smallfed never uses it: Flower's Fleet API (HTTPS) is the transport.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -170,7 +170,9 @@ def main() -> None:
                                         sum(a for _, a in by_name.values()))
                     for name, (mb, _) in by_name.items():
                         parts[name] = max(parts.get(name, 0.0), mb)
-                wire.setdefault(checkpointed(out), relay.counts())
+                counts = relay.counts()
+                for r in range(-1, checkpointed(out) + 1):  # rounds ending within one sample
+                    wire.setdefault(r, counts)
                 done.wait(0.2)
 
         done.wait(10)  # the nodes connect and activate
@@ -185,7 +187,8 @@ def main() -> None:
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
         if run.returncode:
             raise RuntimeError(run.stdout[-3000:] + run.stderr[-3000:])
-        wire.setdefault(args.rounds, relay.counts())  # in case the sampler missed the last
+        for r in range(-1, args.rounds + 1):  # in case the sampler missed the last
+            wire.setdefault(r, relay.counts())
     finally:
         done.set()
         procs.stop_all(str(tmp))

@@ -153,3 +153,15 @@ def test_clients_csv_grows_outside_the_checkpoint_and_resumes_exactly(tmp_path: 
     simulate(cfg, stopped, progress=False, resume=True)
     assert (stopped / "clients.csv").read_text() == (whole / "clients.csv").read_text()
     assert len((whole / "clients.csv").read_text().splitlines()) == 1 + 12
+
+
+def test_one_server_app_at_a_time_writes_to_an_out_dir(tmp_path: Path) -> None:
+    """A ServerApp restarted right after a stop waits for the stopped one to let go."""
+    from smallfed.flower.server import out_dir_lock
+
+    with out_dir_lock(tmp_path):
+        with pytest.raises(ConfigError, match="another ServerApp"):
+            with out_dir_lock(tmp_path, wait_s=0.5):
+                pass
+    with out_dir_lock(tmp_path, wait_s=0.5):  # free again
+        pass

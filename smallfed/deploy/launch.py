@@ -89,7 +89,8 @@ def check_device(data_dir: str | Path, profile: str, model: str, batch_size: int
 
 
 # Peak resident memory of one SuperNode's process tree (SuperNode, SuperExec, ClientApp)
-# training cnn-tiny, in MB: benchmarks/deploy_loopback.py, BENCHMARKS.md.
+# training cnn-tiny, in MB: benchmarks/deploy_loopback.py, BENCHMARKS.md. The three
+# processes' VmRSS summed on x86 (shared pages counted in each): a cautious figure.
 SUPERNODE_PEAK_MB = 680
 
 

@@ -39,15 +39,19 @@ class InProcessGrid(Grid):
         node_configs: list[dict] | None = None,
     ) -> None:
         """``node_configs`` replaces the nodes' default config (their partition ids),
-        for example by a ``data-dir`` each, as on devices."""
+        one per node, for example by a ``data-dir`` each, as on devices."""
+        if node_configs is not None and len(node_configs) != num_nodes:
+            raise ValueError(f"{len(node_configs)} node configs for {num_nodes} nodes")
         self._client_app = client_app
         self._on_reply = on_reply
         self._run = Run.create_empty(run_id=secrets.randbits(63))
         self._run.override_config = dict(run_config or {})
         # Random node ids, as Flower's SuperLink gives: nothing may depend on them.
         self._contexts: dict[int, Context] = {}
+        self._index: dict[int, int] = {}  # node id -> its place (its partition id)
         for partition_id in range(num_nodes):
             node_id = secrets.randbits(63)
+            self._index[node_id] = partition_id
             self._contexts[node_id] = Context(
                 run_id=self._run.run_id,
                 node_id=node_id,
@@ -71,13 +75,12 @@ class InProcessGrid(Grid):
         )
 
     def node_states(self) -> dict[int, RecordDict]:
-        """Each node's ``Context.state`` by partition id, for a checkpoint."""
-        return {int(c.node_config["partition-id"]): c.state for c in self._contexts.values()
-                if len(c.state)}
+        """Each node's ``Context.state`` by its place (partition id), for a checkpoint."""
+        return {self._index[n]: c.state for n, c in self._contexts.items() if len(c.state)}
 
     def restore_node_states(self, states: dict[int, RecordDict]) -> None:
-        for context in self._contexts.values():
-            context.state = states.get(int(context.node_config["partition-id"]), RecordDict())
+        for node_id, context in self._contexts.items():
+            context.state = states.get(self._index[node_id], RecordDict())
 
     def set_run(self, run: Run) -> None:
         self._run = run
