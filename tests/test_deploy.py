@@ -157,10 +157,10 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
         assert distrust.wait(timeout=120) != 0
         assert "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "distrust.log").read_text()
 
-        # No error feedback: its residuals live on the nodes, and a resumed run (a new
-        # Flower run, fresh node contexts) would lose them, so resume refuses it.
+        # Error feedback's residuals live in the nodes' contexts; the resumed run (a new
+        # Flower run) starts them from zero.
         config = ("num-server-rounds=6 num-clients=3 clients-per-round=3 "
-                  f"codec='topk:0.1,quantize:4' out-dir='{out}' resume=true")
+                  f"codec='topk:0.1,quantize:4,error_feedback' out-dir='{out}' resume=true")
         run = procs.start("run", [flwr, "run", ".", "tls", "--stream", "--run-config", config])
         after_round(out, 1, run)
         os.killpg(procs.started[1].pid, signal.SIGKILL)  # supernode0 dies
@@ -194,6 +194,7 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
     resumed_after = re.search(rf"resuming {out} after round (\d) of 6",
                               (tmp_path / "resumed.log").read_text())
     assert resumed_after and 3 <= int(resumed_after.group(1)) < 6
+    assert "residuals live on the clients" in (tmp_path / "resumed.log").read_text()
 
 
 def test_no_training_sample_leaves_a_client(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from logging import WARNING
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
+from flwr.supercore import log
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
 from google.protobuf.message import DecodeError
@@ -152,8 +154,9 @@ def _read(folder: Path) -> Checkpoint:
 
 def check_resumable(cfg: Config, ckpt: Checkpoint, clients_saved: bool | None = None) -> None:
     """Fail before any work when ``cfg`` is not the configuration the checkpoint ran, or
-    when clients' own state would be lost (``clients_saved``: the engine let us save it;
-    default: only in-process)."""
+    when DP-SGD's accountants on the clients would be lost (``clients_saved``: the engine
+    let us save the clients' state; default: only in-process). Lost error-feedback
+    residuals only warn."""
     try:  # a key added to smallfed since the checkpoint reads as its default
         saved = Config.from_mapping(ckpt.config).to_dict()
     except ConfigError as err:
@@ -166,11 +169,17 @@ def check_resumable(cfg: Config, ckpt: Checkpoint, clients_saved: bool | None = 
                             for k in differ[:5])
         raise ConfigError(f"cannot resume with a different configuration ({changes}); resume "
                           "without --config/--set to use the checkpoint's own")
-    stateful = cfg.privacy == "sample" or parse_codec(cfg.codec).error_feedback
     if clients_saved is None:
         clients_saved = cfg.backend == "inprocess"
-    if stateful and not clients_saved:
-        raise ConfigError("client state (DP-SGD accountants, error-feedback residuals) lives "
-                          "on the clients (Ray's actors, or devices) and is not checkpointed: "
-                          "a resumed run would lose it, and DP accounting would restart; "
-                          "resume such runs in-process only")
+    if clients_saved:
+        return
+    if cfg.privacy == "sample":
+        raise ConfigError("DP-SGD's privacy accountants live on the clients (Ray's actors, or "
+                          "devices) and are not checkpointed: a resumed run would restart "
+                          "them and spend the privacy budget again; resume such runs "
+                          "in-process only")
+    if parse_codec(cfg.codec).error_feedback:
+        # Losing a residual drops, once, the part of past updates not yet sent: error
+        # feedback goes on from zero as at the start, so the run may go on.
+        log(WARNING, "smallfed: error-feedback residuals live on the clients and are not "
+            "checkpointed; they restart from zero in the resumed run")
