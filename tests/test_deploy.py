@@ -26,7 +26,7 @@ import pytest
 from smallfed.config import Config
 from smallfed.data import write_device_data
 from smallfed.deploy.certs import make_certificates, make_node_key
-from tests.processes import pids_using, stop
+from tests.processes import descendants, pids_using, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -90,12 +90,13 @@ def flwr_env(home: Path, port: int, ca: Path) -> dict[str, str]:
                 PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
-def start_superlink(procs: "Processes", tmp: Path, port: int) -> None:
+def start_superlink(procs: "Processes", tmp: Path, port: int) -> subprocess.Popen:
     """`smallfed deploy superlink` with the certificates in ``tmp/certs``, until it listens."""
-    procs.start("superlink", [str(BIN / "smallfed"), "deploy", "superlink", "--certs",
-                              str(tmp / "certs"), "--host", "127.0.0.1", "--port", str(port),
-                              "--database", str(tmp / "superlink.db")])
+    superlink = procs.start("superlink", [
+        str(BIN / "smallfed"), "deploy", "superlink", "--certs", str(tmp / "certs"), "--host",
+        "127.0.0.1", "--port", str(port), "--database", str(tmp / "superlink.db")])
     wait_for_port(port)
+    return superlink
 
 
 class Processes:
@@ -195,6 +196,47 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
                               (tmp_path / "resumed.log").read_text())
     assert resumed_after and 3 <= int(resumed_after.group(1)) < 6
     assert "residuals live on the clients" in (tmp_path / "resumed.log").read_text()
+
+
+def test_a_killed_server_app_resumes(tmp_path: Path) -> None:
+    """The ServerApp process dies (SIGKILL) after round 2: Flower marks the run failed,
+    and a second `flwr run` with resume = true goes on from the last checkpoint."""
+    certs = make_certificates(tmp_path / "certs", ["127.0.0.1"])
+    keys = [make_node_key(tmp_path / "keys", f"node{i}") for i in range(2)]
+    for i in range(2):
+        write_device_data(Config(num_clients=2, clients_per_round=2), i, tmp_path / f"data{i}")
+    port, out = free_port(), tmp_path / "results"
+    env = flwr_env(tmp_path / "flwr-home", port, certs["ca.crt"])
+    procs = Processes(env, tmp_path)
+    smallfed, flwr = str(BIN / "smallfed"), str(BIN / "flwr")
+    config = (f"num-server-rounds=4 num-clients=2 clients-per-round=2 out-dir='{out}' "
+              "codec='topk:0.1,quantize:4' resume=true")
+    try:
+        superlink = start_superlink(procs, tmp_path, port)
+        for i, (private, public) in enumerate(keys):
+            subprocess.run([flwr, "supernode", "register", str(public), "tls"], env=env,
+                           capture_output=True, timeout=60, check=True)
+            procs.start(f"supernode{i}", [
+                smallfed, "edge", "start", "--superlink", f"127.0.0.1:{port}", "--data-dir",
+                str(tmp_path / f"data{i}"), "--root-cert", str(certs["ca.crt"]), "--auth-key",
+                str(private), "--port", str(free_port())])
+        run = procs.start("run", [flwr, "run", ".", "tls", "--stream", "--run-config", config])
+        after_round(out, 2, run)
+        server_apps = [pid for pid in descendants(superlink.pid)
+                       if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(server_apps) == 1
+        os.kill(server_apps[0], signal.SIGKILL)
+        run.wait(timeout=300)  # once Flower has noticed (about 45 s here)
+        assert not (out / "results.json").exists()
+        resumed = procs.start("resumed", [flwr, "run", ".", "tls", "--stream", "--run-config",
+                                          config])
+        assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    finally:
+        procs.stop_all(str(tmp_path))
+    assert not pids_using(str(tmp_path))
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert [(r["round"], r["clients"]) for r in rounds] == [(0, 0)] + [(k, 2) for k in range(1, 5)]
+    assert re.search(rf"resuming {out} after round [23] of 4", (tmp_path / "resumed.log").read_text())
 
 
 def test_no_training_sample_leaves_a_client(tmp_path: Path) -> None:
