@@ -297,10 +297,7 @@ class SmallfedStrategy(Strategy):
                     reply.metadata.src_node_id, problem)
                 continue
             good.append(reply)
-        # A fixed order, not arrival order: float sums depend on it. Devices share
-        # partition id -1; their node ids (fixed by their keys) break the tie.
-        good.sort(key=lambda m: (self.partition_of.get(m.metadata.src_node_id, 0),
-                                 m.metadata.src_node_id))
+        good.sort(key=lambda m: self.partition_of.get(m.metadata.src_node_id, 0))
         keep_common_metrics(good)
         if self.user_dp is not None:
             return self.projected(*self.aggregate_user_dp(server_round, good))
