@@ -6,7 +6,11 @@ SuperNodes from it (`smallfed edge start`, TLS, node keys) against a SuperLink f
 this environment, and runs 2 compressed rounds with `flwr run`. The device
 environment's PATH holds nothing else, so its ClientApps run with its packages only.
 
-    python benchmarks/edge_install.py [--venv /tmp/smallfed-edge-venv]
+    python benchmarks/edge_install.py [--venv DIR] [--torch-index-url URL]
+
+Give ``--torch-index-url https://download.pytorch.org/whl/cpu`` (as clients/README.md
+does) where pip's default index would pick torch's CUDA build; on the machine these
+results come from, pip resolves torch==2.13.0 to its CPU wheel without it.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from smallfed.deploy.certs import make_certificates, make_node_key  # noqa: E402
 from tests.test_deploy import BIN, Processes, flwr_env, free_port, start_superlink  # noqa: E402
 
 
-def device_venv(venv: Path) -> Path:
+def device_venv(venv: Path, torch_index: str | None) -> Path:
     """The device's environment, made once: returns its bin folder."""
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
     if not (venv / "bin" / "smallfed").is_file():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([*pip, "torch==2.13.0"], check=True)
+        index = ["--index-url", torch_index] if torch_index else []
+        subprocess.run([*pip, "torch==2.13.0", *index], check=True)
         subprocess.run([*pip, "-r", str(ROOT / "clients" / "requirements-edge.txt")], check=True)
         subprocess.run([*pip, "--no-deps", str(ROOT)], check=True)
     return venv / "bin"
@@ -42,8 +47,9 @@ def device_venv(venv: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "smallfed-edge-venv")
+    parser.add_argument("--torch-index-url", default=None)
     args = parser.parse_args()
-    edge_bin = device_venv(args.venv)
+    edge_bin = device_venv(args.venv, args.torch_index_url)
     listed = subprocess.run([str(edge_bin / "python"), "-m", "pip", "list", "--format", "json"],
                             capture_output=True, text=True, check=True)
     packages = sorted(p["name"].lower() for p in json.loads(listed.stdout))

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from smallfed.config import Config
 from smallfed.data import check_data_config
-from smallfed.flower.checkpoint import check_resumable
+from smallfed.flower.checkpoint import check_resumable, out_dir_lock
 from smallfed.flower.checkpoint import load as load_checkpoint
 from smallfed.flower.client import build_client_app
 from smallfed.flower.inprocess import InProcessGrid
@@ -76,6 +76,15 @@ def simulate(
     """
     check_privacy_config(cfg, check_data_config(cfg))
     out = Path(out_dir)
+    if resume:
+        load_checkpoint(out)  # none there: say so before writing anything, even a lock
+    with out_dir_lock(out):  # the checkpoint read below is the last one written
+        return _simulate(cfg, out, progress, resume, on_round)
+
+
+def _simulate(
+    cfg: Config, out: Path, progress: bool, resume: bool, on_round: RoundHook | None,
+) -> dict[str, Any]:
     checkpoint = load_checkpoint(out) if resume else None
     if checkpoint is not None:
         check_resumable(cfg, checkpoint)

@@ -102,6 +102,20 @@ def test_ray_refuses_to_resume_client_state_it_cannot_save(uninterrupted) -> Non
         check_resumable(cfg, saved)
 
 
+def test_a_deployed_runs_checkpoint_holds_no_client_state(uninterrupted) -> None:
+    """A checkpoint written by `flwr run` (devices) has no client state even for an
+    in-process configuration: resuming it must not pretend otherwise."""
+    from smallfed.flower.checkpoint import check_resumable
+
+    _, whole_dir = uninterrupted
+    saved = load(whole_dir)
+    saved.clients = {}
+    with pytest.raises(ConfigError, match="accountants live on the clients"):
+        check_resumable(CFG, saved)
+    saved.round = 0  # nothing trained yet: nothing to lose
+    check_resumable(CFG, saved)
+
+
 def test_resume_with_set_changes_the_checkpoints_configuration(uninterrupted, capsys) -> None:
     _, whole_dir = uninterrupted
     code = main(["simulate", "--resume", str(whole_dir), "--set", "lr=0.5", "--no-progress"])
@@ -158,17 +172,37 @@ def test_clients_csv_grows_outside_the_checkpoint_and_resumes_exactly(tmp_path: 
     with open(stopped / "clients.csv", "a") as fh:  # a round 3 that never checkpointed
         fh.write("3,99,rpi4,finished,1,1,1.0,1.0,1.0\n")
     simulate(cfg, stopped, progress=False, resume=True)
-    assert (stopped / "clients.csv").read_text() == (whole / "clients.csv").read_text()
+    assert (stopped / "clients.csv").read_bytes() == (whole / "clients.csv").read_bytes()
     assert len((whole / "clients.csv").read_text().splitlines()) == 1 + 12
+    with pytest.raises(Stop):  # a lost clients.csv warns, and blocks nothing
+        simulate(cfg, tmp_path / "again", progress=False, on_round=stop_after(2))
+    (tmp_path / "again" / "clients.csv").unlink()
+    with pytest.warns(UserWarning, match="it starts again with the resumed rounds"):
+        simulate(cfg, tmp_path / "again", progress=False, resume=True)
+    assert len((tmp_path / "again" / "clients.csv").read_text().splitlines()) == 1 + 4
 
 
-def test_one_server_app_at_a_time_writes_to_an_out_dir(tmp_path: Path) -> None:
-    """A ServerApp restarted right after a stop waits for the stopped one to let go."""
-    from smallfed.flower.server import out_dir_lock
+def test_one_run_at_a_time_writes_to_an_out_dir(tmp_path: Path) -> None:
+    """A run restarted right after a stop waits for the stopped one (another process)
+    to let go of the out-dir; within one process the lock is re-entrant."""
+    import subprocess
+    import sys
 
-    with out_dir_lock(tmp_path):
-        with pytest.raises(ConfigError, match="another ServerApp"):
-            with out_dir_lock(tmp_path, wait_s=0.5):
+    from smallfed.flower.checkpoint import out_dir_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from smallfed.flower.checkpoint import out_dir_lock\n"
+         f"with out_dir_lock(Path({str(tmp_path)!r})):\n"
+         "    print('held', flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match="another run has been writing there"):
+            with out_dir_lock(tmp_path, wait_s=1.0):
                 pass
-    with out_dir_lock(tmp_path, wait_s=0.5):  # free again
-        pass
+    finally:
+        holder.communicate("\n", timeout=30)
+    with out_dir_lock(tmp_path, wait_s=1.0):  # free again, and re-entrant here
+        with out_dir_lock(tmp_path, wait_s=1.0):
+            pass

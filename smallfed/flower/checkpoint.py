@@ -19,9 +19,13 @@ uninterrupted run would have done.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
-from logging import WARNING
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from logging import INFO, WARNING
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +156,47 @@ def _read(folder: Path) -> Checkpoint:
     )
 
 
+# How long a run waits for another to stop writing to its out-dir: a ServerApp stopped
+# with `flwr stop` learns of it at its next heartbeat (Flower: about every 20 s).
+LOCK_WAIT_S = 120.0
+_HELD: set[Path] = set()  # out-dirs this process holds (a simulation and its ServerApp)
+
+
+@contextmanager
+def out_dir_lock(out: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Hold ``out/.lock`` so that one run at a time writes results and checkpoints there:
+    a run restarted with ``resume = true`` right after a stop waits for the stopped
+    ServerApp to exit, then reads its last checkpoint. Re-entrant within a process."""
+    key = out.resolve()
+    if key in _HELD:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    with open(out / ".lock", "w", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(INFO, "smallfed: waiting for another run to finish with %s", out)
+            while True:
+                time.sleep(1.0)
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise ConfigError(
+                            f"out-dir {out}: another run has been writing there for "
+                            f"{wait_s:.0f} s (it holds {out / '.lock'}); stop it, or choose "
+                            "another out-dir") from None
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def check_resumable(cfg: Config, ckpt: Checkpoint, clients_saved: bool | None = None) -> None:
     """Fail before any work when ``cfg`` is not the configuration the checkpoint ran, or
     when DP-SGD's accountants on the clients would be lost (``clients_saved``: the engine
@@ -169,15 +214,15 @@ def check_resumable(cfg: Config, ckpt: Checkpoint, clients_saved: bool | None = 
                             for k in differ[:5])
         raise ConfigError(f"cannot resume with a different configuration ({changes}); resume "
                           "without --config/--set to use the checkpoint's own")
-    if clients_saved is None:
-        clients_saved = cfg.backend == "inprocess"
+    if clients_saved is None:  # in-process runs save it, from the first round on
+        clients_saved = cfg.backend == "inprocess" and (bool(ckpt.clients) or ckpt.round == 0)
     if clients_saved:
         return
     if cfg.privacy == "sample":
         raise ConfigError("DP-SGD's privacy accountants live on the clients (Ray's actors, or "
-                          "devices) and are not checkpointed: a resumed run would restart "
-                          "them and spend the privacy budget again; resume such runs "
-                          "in-process only")
+                          "devices) and are not in this checkpoint: a resumed run would "
+                          "restart them and spend the privacy budget again; start a new run "
+                          "in another out-dir (in-process simulations resume fully)")
     if parse_codec(cfg.codec).error_feedback:
         # Losing a residual drops, once, the part of past updates not yet sent: error
         # feedback goes on from zero as at the start, so the run may go on.

@@ -7,10 +7,7 @@ metered Grid, and its row recorded.
 
 from __future__ import annotations
 
-import fcntl
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from collections.abc import Callable
 from logging import INFO
@@ -24,13 +21,14 @@ from flwr.supercore import log
 from smallfed.codec import parse_codec
 from smallfed.compact.pruning import ServerPruning
 from smallfed.compact.sharing import ServerSharing
-from smallfed.config import Config, ConfigError
+from smallfed.config import Config
 from smallfed.devices import RoundClock, training_flops_per_sample
-from smallfed.data import federated_data
+from smallfed.data import FederatedData, federated_data
 from smallfed.flower.checkpoint import (
     CHECKPOINT_DIR,
     Checkpoint,
     check_resumable,
+    out_dir_lock,
     restore_strategy,
     strategy_state,
 )
@@ -59,37 +57,6 @@ NodeStates = Callable[[], dict[int, RecordDict]]  # partition id -> the node's C
 ROUND_TIMEOUT_S = 600.0
 
 
-# How long a ServerApp waits for another one to stop writing to its out-dir: a run
-# stopped with `flwr stop` learns of it at its next heartbeat (Flower: every 24 s).
-LOCK_WAIT_S = 120.0
-
-
-@contextmanager
-def out_dir_lock(out: Path, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
-    """Hold ``out/.lock`` so that one ServerApp at a time writes results and checkpoints
-    there: a run restarted with ``resume = true`` right after a stop waits for the
-    stopped ServerApp to exit, then reads its last checkpoint."""
-    out.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + wait_s
-    with open(out / ".lock", "w", encoding="utf-8") as handle:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise ConfigError(
-                        f"out-dir {out}: another ServerApp has been writing there for "
-                        f"{wait_s:.0f} s (it holds {out / '.lock'}); stop it, or choose "
-                        "another out-dir") from None
-                log(INFO, "smallfed: waiting for another ServerApp to finish with %s", out)
-                time.sleep(2.0)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def default_out_dir(context: Context) -> Path:
     return Path("runs") / f"run-{context.run_id}"
 
@@ -110,24 +77,24 @@ def run_server(  # pylint: disable=too-many-arguments
     """
     cfg = cfg if cfg is not None else Config.from_mapping(context.run_config)
     out = Path(out_dir or cfg.out_dir or default_out_dir(context))
+    data = federated_data(cfg)
+    check_privacy_config(cfg, data)  # also when started by `flwr run`, not only the CLI
     with out_dir_lock(out):
-        return _run(grid, cfg, out, on_round, resume, node_states)
+        if resume is None and cfg.resume:  # a ServerApp restarted by `flwr run`
+            if (out / CHECKPOINT_DIR).is_dir() or (out / f"{CHECKPOINT_DIR}.old").is_dir():
+                resume = load_checkpoint(out)
+                check_resumable(cfg, resume, clients_saved=node_states is not None)
+            else:
+                log(INFO, "smallfed: resume = true, but %s has no checkpoint; starting afresh",
+                    out)
+        return _run(grid, cfg, data, out, on_round, resume, node_states)
 
 
 def _run(  # pylint: disable=too-many-arguments,too-many-locals
-    grid: Grid, cfg: Config, out: Path, on_round: RoundHook | None,
+    grid: Grid, cfg: Config, data: FederatedData, out: Path, on_round: RoundHook | None,
     resume: Checkpoint | None, node_states: NodeStates | None,
 ) -> Path:
-    """run_server's work, while it holds ``out``'s lock."""
-    data = federated_data(cfg)
-    check_privacy_config(cfg, data)  # also when started by `flwr run`, not only the CLI
-    if resume is None and cfg.resume:  # a ServerApp restarted by `flwr run`
-        if (out / CHECKPOINT_DIR).is_dir() or (out / f"{CHECKPOINT_DIR}.old").is_dir():
-            resume = load_checkpoint(out)
-        else:
-            log(INFO, "smallfed: resume = true, but %s has no checkpoint; starting afresh", out)
-    if resume is not None:
-        check_resumable(cfg, resume, clients_saved=node_states is not None)
+    """run_server's work, while it holds ``out``'s lock; ``resume`` is checked already."""
     dataset = data.dataset
     model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed)
     report = model_report(model)

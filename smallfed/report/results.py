@@ -36,11 +36,11 @@ from __future__ import annotations
 import csv
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smallfed.config import ConfigError
 
 SCHEMA_VERSION = 1
 ROUND_FIELDS = (
@@ -131,11 +131,15 @@ class RunRecorder:
         self.clients_rows = int(state.get("clients_rows", 0))
         if not self.clients_rows:
             return
-        lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+        # Bytes, not text: csv writes \r\n line ends, which text mode would rewrite.
+        lines = path.read_bytes().splitlines(keepends=True) if path.is_file() else []
         if len(lines) < 1 + self.clients_rows:
-            raise ConfigError(f"{path} has {max(len(lines) - 1, 0)} rows, the checkpoint "
-                             f"counts {self.clients_rows}: it was changed or removed since")
-        path.write_text("".join(lines[:1 + self.clients_rows]))
+            warnings.warn(f"{path} has {max(len(lines) - 1, 0)} rows, the checkpoint counts "
+                          f"{self.clients_rows}: it was changed or removed; it starts again "
+                          "with the resumed rounds", stacklevel=2)
+            self.clients_rows = 0
+            return
+        path.write_bytes(b"".join(lines[:1 + self.clients_rows]))
 
     def results(self) -> dict[str, Any]:
         final = self.rounds[-1] if self.rounds else None
