@@ -23,19 +23,19 @@ import fcntl
 import json
 import shutil
 import time
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from logging import INFO, WARNING
-import zipfile
 from dataclasses import dataclass, field
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
-from flwr.supercore import log
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
+from flwr.supercore import log
 from google.protobuf.message import DecodeError
 
 from smallfed.codec import parse_codec

@@ -83,7 +83,8 @@ def run_server(  # pylint: disable=too-many-arguments
         if resume is None and cfg.resume:  # a ServerApp restarted by `flwr run`
             if (out / CHECKPOINT_DIR).is_dir() or (out / f"{CHECKPOINT_DIR}.old").is_dir():
                 resume = load_checkpoint(out)
-                check_resumable(cfg, resume, clients_saved=node_states is not None)
+                # The engine's nodes start afresh here: their saved state is not restored.
+                check_resumable(cfg, resume, clients_saved=False)
             else:
                 log(INFO, "smallfed: resume = true, but %s has no checkpoint; starting afresh",
                     out)
