@@ -29,14 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from smallfed.cli import load_config  # noqa: E402
-from smallfed.data import write_device_data  # noqa: E402
-from smallfed.deploy.certs import make_certificates, make_node_key  # noqa: E402
+from tests.processes import descendants  # noqa: E402
 from tests.test_deploy import (  # noqa: E402
     BIN,
     Processes,
     checkpointed,
+    edge_command,
+    federation_files,
     flwr_env,
     free_port,
+    register,
     start_superlink,
 )
 
@@ -45,34 +47,20 @@ def tree_rss_mb(root: int) -> dict[str, tuple[float, float]]:
     """Resident memory of ``root`` and all its descendants, in MB, by program name:
     (all resident pages, the anonymous ones). Anonymous pages are each process's own;
     the rest (shared libraries) the processes of one device partly share."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, tuple[str, int, int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    by_name: dict[str, tuple[float, float]] = {}
+    for pid in descendants(root):
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            status = (entry / "status").read_text()
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            status = Path(f"/proc/{pid}/status").read_text()
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
-            continue
-        pid, ppid = int(entry.name), int(fields[1])
-        children.setdefault(ppid, []).append(pid)
+            continue  # ended meanwhile
         # The program, not its interpreter: `python .../flower-supernode` is flower-supernode.
         name = next((Path(a.decode()).name for a in argv
                      if a and not Path(a.decode()).name.startswith("python")), "?")
         kb = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines()
               if line.startswith(("VmRSS:", "RssAnon:"))}
-        rss[pid] = name, kb.get("VmRSS", 0), kb.get("RssAnon", 0)
-    by_name: dict[str, tuple[float, float]] = {}
-    stack = [root]
-    while stack:
-        pid = stack.pop()
-        if pid in rss:
-            name, total, anon = rss[pid]
-            was = by_name.get(name, (0.0, 0.0))
-            by_name[name] = (was[0] + total / 1024, was[1] + anon / 1024)
-        stack.extend(children.get(pid, []))
+        was = by_name.get(name, (0.0, 0.0))
+        by_name[name] = (was[0] + kb.get("VmRSS", 0) / 1024, was[1] + kb.get("RssAnon", 0) / 1024)
     return by_name
 
 
@@ -137,14 +125,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="smallfed-deploy-"))
     cfg = load_config("simulations/mnist.toml", []).replace(num_clients=args.nodes,
                                                             clients_per_round=args.nodes)
-    certs = make_certificates(tmp / "certs", ["127.0.0.1"])
-    keys = [make_node_key(tmp / "keys", f"node{i}") for i in range(args.nodes)]
-    for i in range(args.nodes):
-        write_device_data(cfg, i, tmp / f"data{i}")
+    certs, keys = federation_files(tmp, cfg, args.nodes)
     port, home, out = free_port(), tmp / "flwr-home", tmp / "results"
     env = flwr_env(home, port, certs["ca.crt"])
     procs = Processes(env, tmp)
-    smallfed, flwr = str(BIN / "smallfed"), str(BIN / "flwr")
+    flwr = str(BIN / "flwr")
     peaks: dict[int, float] = {}  # node -> peak of its whole tree
     anon_peaks: dict[int, float] = {}  # node -> peak of its tree's anonymous pages
     parts: dict[str, float] = {}  # program -> its peak in any node's tree
@@ -154,12 +139,10 @@ def main() -> None:
         start_superlink(procs, tmp, port)
         relay = CountingRelay(port)
         for _, public in keys:
-            subprocess.run([flwr, "supernode", "register", str(public), "tls"], env=env,
-                           capture_output=True, timeout=60, check=True)
-        nodes = [procs.start(f"sn{i}", [
-            smallfed, "edge", "start", "--superlink", f"127.0.0.1:{relay.port}", "--data-dir",
-            str(tmp / f"data{i}"), "--root-cert", str(certs["ca.crt"]), "--auth-key",
-            str(keys[i][0]), "--port", str(free_port())]) for i in range(args.nodes)]
+            register(env, public).check_returncode()
+        nodes = [procs.start(f"sn{i}", edge_command(relay.port, keys[i][0], tmp / f"data{i}",
+                                                    certs["ca.crt"]))
+                 for i in range(args.nodes)]
 
         def sample() -> None:
             while not done.is_set():

@@ -27,9 +27,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from smallfed.config import Config  # noqa: E402
-from smallfed.data import write_device_data  # noqa: E402
-from smallfed.deploy.certs import make_certificates, make_node_key  # noqa: E402
-from tests.test_deploy import BIN, Processes, flwr_env, free_port, start_superlink  # noqa: E402
+from tests.test_deploy import (  # noqa: E402
+    BIN,
+    Processes,
+    edge_command,
+    federation_files,
+    flwr_env,
+    free_port,
+    register,
+    start_superlink,
+)
 
 
 def device_venv(venv: Path, torch_index: str | None) -> Path:
@@ -54,24 +61,17 @@ def main() -> None:
                             capture_output=True, text=True, check=True)
     packages = sorted(p["name"].lower() for p in json.loads(listed.stdout))
     tmp = Path(tempfile.mkdtemp(prefix="smallfed-edge-"))
-    certs = make_certificates(tmp / "certs", ["127.0.0.1"])
-    keys = [make_node_key(tmp / "keys", f"node{i}") for i in range(2)]
-    for i in range(2):
-        write_device_data(Config(num_clients=2, clients_per_round=2), i, tmp / f"data{i}")
+    certs, keys = federation_files(tmp, Config(num_clients=2, clients_per_round=2), 2)
     port, out = free_port(), tmp / "results"
     env = flwr_env(tmp / "flwr-home", port, certs["ca.crt"])
     server = Processes(env, tmp)
     device = Processes(dict(env, PATH=f"{edge_bin}{os.pathsep}/usr/bin:/bin"), tmp)
     try:
         start_superlink(server, tmp, port)
-        for _, public in keys:
-            subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public), "tls"],
-                           env=env, capture_output=True, timeout=60, check=True)
-        for i in range(2):
-            device.start(f"device{i}", [
-                str(edge_bin / "smallfed"), "edge", "start", "--superlink", f"127.0.0.1:{port}",
-                "--data-dir", str(tmp / f"data{i}"), "--profile", "rpi4", "--root-cert",
-                str(certs["ca.crt"]), "--auth-key", str(keys[i][0]), "--port", str(free_port())])
+        for i, (private, public) in enumerate(keys):
+            register(env, public).check_returncode()
+            device.start(f"device{i}", edge_command(port, private, tmp / f"data{i}",
+                                                    certs["ca.crt"], edge_bin / "smallfed"))
         config = ("num-server-rounds=2 num-clients=2 clients-per-round=2 "
                   f"codec='topk:0.1,quantize:4,error_feedback' out-dir='{out}'")
         run = subprocess.run([str(BIN / "flwr"), "run", ".", "tls", "--stream", "--run-config",

@@ -22,6 +22,7 @@ from smallfed.config import Config
 from smallfed.data import check_data_config
 from smallfed.flower.checkpoint import check_resumable, out_dir_lock
 from smallfed.flower.checkpoint import load as load_checkpoint
+from smallfed.flower.checkpoint import require as require_checkpoint
 from smallfed.flower.client import build_client_app
 from smallfed.flower.inprocess import InProcessGrid
 from smallfed.flower.server import RoundHook, build_server_app
@@ -77,7 +78,7 @@ def simulate(
     check_privacy_config(cfg, check_data_config(cfg))
     out = Path(out_dir)
     if resume:
-        load_checkpoint(out)  # none there: say so before writing anything, even a lock
+        require_checkpoint(out)  # none there: say so before writing anything, even a lock
     with out_dir_lock(out):  # the checkpoint read below is the last one written
         return _simulate(cfg, out, progress, resume, on_round)
 

@@ -99,6 +99,42 @@ def start_superlink(procs: "Processes", tmp: Path, port: int) -> subprocess.Pope
     return superlink
 
 
+def federation_files(tmp: Path, cfg: Config, nodes: int, extra_keys: int = 0,
+                     hosts: tuple[str, ...] = ("127.0.0.1",)
+                     ) -> tuple[dict[str, Path], list[tuple[Path, Path]]]:
+    """What a loopback federation needs on disk: certificates in ``tmp/certs``, a key
+    pair per node (``extra_keys`` more, never given data) and ``tmp/data{i}`` holding
+    partition i of ``cfg``'s split for each of the ``nodes``."""
+    certs = make_certificates(tmp / "certs", list(hosts))
+    keys = [make_node_key(tmp / "keys", f"node{i}") for i in range(nodes + extra_keys)]
+    for i in range(nodes):
+        write_device_data(cfg, i, tmp / f"data{i}")
+    return certs, keys
+
+
+def register(env: dict[str, str], public: Path) -> subprocess.CompletedProcess:
+    """`flwr supernode register` a node's public key with the "tls" SuperLink."""
+    return subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public), "tls"],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def edge_command(port: int, key: Path, data: Path, ca: Path,
+                 smallfed: Path = BIN / "smallfed") -> list[str]:
+    """`smallfed edge start` for one node of a loopback federation."""
+    return [str(smallfed), "edge", "start", "--superlink", f"127.0.0.1:{port}", "--data-dir",
+            str(data), "--profile", "rpi4", "--root-cert", str(ca), "--auth-key", str(key),
+            "--port", str(free_port())]
+
+
+def resume(procs: Processes, config: str, logs: Path) -> str:
+    """A second `flwr run` of ``config`` (resume = true), to its end; its log."""
+    resumed = procs.start("resumed", [str(BIN / "flwr"), "run", ".", "tls", "--stream",
+                                      "--run-config", config])
+    log = logs / "resumed.log"
+    assert resumed.wait(timeout=600) == 0, log.read_text()[-3000:]
+    return log.read_text()
+
+
 class Processes:
     """Starts processes in their own sessions and stops them all, and their children."""
 
@@ -126,35 +162,31 @@ class Processes:
 
 
 def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
-    certs = make_certificates(tmp_path / "certs", ["127.0.0.1", "localhost"])
-    keys = [make_node_key(tmp_path / "keys", f"node{i}") for i in range(4)]  # node3: stranger
-    for i in range(3):
-        write_device_data(Config(num_clients=3, clients_per_round=3), i, tmp_path / f"data{i}")
+    certs, keys = federation_files(tmp_path, Config(num_clients=3, clients_per_round=3), 3,
+                                   extra_keys=1,  # node3: a stranger, never registered
+                                   hosts=("127.0.0.1", "localhost"))
     other_ca = make_certificates(tmp_path / "other-ca", ["127.0.0.1"])["ca.crt"]
     port, home, out = free_port(), tmp_path / "flwr-home", tmp_path / "results"
     env = flwr_env(home, port, certs["ca.crt"])
     procs = Processes(env, tmp_path)
-    smallfed, flwr = str(BIN / "smallfed"), str(BIN / "flwr")
-
-    def edge(key: Path, data: Path, ca: Path) -> list[str]:
-        return [smallfed, "edge", "start", "--superlink", f"127.0.0.1:{port}", "--data-dir",
-                str(data), "--profile", "rpi4", "--root-cert", str(ca), "--auth-key", str(key),
-                "--port", str(free_port())]
+    flwr = str(BIN / "flwr")
 
     try:
         start_superlink(procs, tmp_path, port)
         for private, public in keys[:3]:
-            done = subprocess.run([flwr, "supernode", "register", str(public), "tls"], env=env,
-                                  capture_output=True, text=True, timeout=60)
+            done = register(env, public)
             assert done.returncode == 0 and "registered successfully" in done.stdout, done
         for i in range(3):
-            procs.start(f"supernode{i}", edge(keys[i][0], tmp_path / f"data{i}", certs["ca.crt"]))
+            procs.start(f"supernode{i}", edge_command(port, keys[i][0], tmp_path / f"data{i}",
+                                                      certs["ca.crt"]))
 
         # Logs to files, not pipes: Flower's detached helpers would hold a pipe open.
-        stranger = procs.start("stranger", edge(keys[3][0], tmp_path / "data0", certs["ca.crt"]))
+        stranger = procs.start("stranger", edge_command(port, keys[3][0], tmp_path / "data0",
+                                                        certs["ca.crt"]))
         assert stranger.wait(timeout=120) != 0
         assert "Failed to activate SuperNode" in (tmp_path / "stranger.log").read_text()
-        distrust = procs.start("distrust", edge(keys[0][0], tmp_path / "data0", other_ca))
+        distrust = procs.start("distrust", edge_command(port, keys[0][0], tmp_path / "data0",
+                                                        other_ca))
         assert distrust.wait(timeout=120) != 0
         assert "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "distrust.log").read_text()
 
@@ -166,15 +198,14 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
         after_round(out, 1, run)
         os.killpg(procs.started[1].pid, signal.SIGKILL)  # supernode0 dies
         after_round(out, 2, run)
-        procs.start("supernode0-again", edge(keys[0][0], tmp_path / "data0", certs["ca.crt"]))
+        procs.start("supernode0-again", edge_command(port, keys[0][0], tmp_path / "data0",
+                                                     certs["ca.crt"]))
         after_round(out, 3, run)
         stop_run(env, run)  # the operator stops the ServerApp mid-run ...
         assert not (out / "results.json").exists()
         # ... and starts it again; it waits for the stopped ServerApp (out-dir's lock),
         # which may still finish a round before it learns of the stop.
-        resumed = procs.start("resumed", [flwr, "run", ".", "tls", "--stream", "--run-config",
-                                          config])
-        assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+        resumed_log = resume(procs, config, tmp_path)
     finally:
         procs.stop_all(str(tmp_path))
     assert not pids_using(str(tmp_path))
@@ -192,35 +223,28 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
     # The resumed run went on after the last checkpoint of the stopped one: every round
     # once, the rounds before the stop as recorded then.
     assert [r["round"] for r in rounds] == list(range(7))
-    resumed_after = re.search(rf"resuming {out} after round (\d) of 6",
-                              (tmp_path / "resumed.log").read_text())
+    resumed_after = re.search(rf"resuming {out} after round (\d) of 6", resumed_log)
     assert resumed_after and 3 <= int(resumed_after.group(1)) < 6
-    assert "residuals live on the clients" in (tmp_path / "resumed.log").read_text()
+    assert "residuals live on the clients" in resumed_log
 
 
 def test_a_killed_server_app_resumes(tmp_path: Path) -> None:
     """The ServerApp process dies (SIGKILL) after round 2: Flower marks the run failed,
     and a second `flwr run` with resume = true goes on from the last checkpoint."""
-    certs = make_certificates(tmp_path / "certs", ["127.0.0.1"])
-    keys = [make_node_key(tmp_path / "keys", f"node{i}") for i in range(2)]
-    for i in range(2):
-        write_device_data(Config(num_clients=2, clients_per_round=2), i, tmp_path / f"data{i}")
+    certs, keys = federation_files(tmp_path, Config(num_clients=2, clients_per_round=2), 2)
     port, out = free_port(), tmp_path / "results"
     env = flwr_env(tmp_path / "flwr-home", port, certs["ca.crt"])
     procs = Processes(env, tmp_path)
-    smallfed, flwr = str(BIN / "smallfed"), str(BIN / "flwr")
     config = (f"num-server-rounds=4 num-clients=2 clients-per-round=2 out-dir='{out}' "
               "codec='topk:0.1,quantize:4' resume=true")
     try:
         superlink = start_superlink(procs, tmp_path, port)
         for i, (private, public) in enumerate(keys):
-            subprocess.run([flwr, "supernode", "register", str(public), "tls"], env=env,
-                           capture_output=True, timeout=60, check=True)
-            procs.start(f"supernode{i}", [
-                smallfed, "edge", "start", "--superlink", f"127.0.0.1:{port}", "--data-dir",
-                str(tmp_path / f"data{i}"), "--root-cert", str(certs["ca.crt"]), "--auth-key",
-                str(private), "--port", str(free_port())])
-        run = procs.start("run", [flwr, "run", ".", "tls", "--stream", "--run-config", config])
+            register(env, public).check_returncode()
+            procs.start(f"supernode{i}", edge_command(port, private, tmp_path / f"data{i}",
+                                                      certs["ca.crt"]))
+        run = procs.start("run", [str(BIN / "flwr"), "run", ".", "tls", "--stream",
+                                  "--run-config", config])
         after_round(out, 2, run)
         server_apps = [pid for pid in descendants(superlink.pid)
                        if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()]
@@ -228,15 +252,13 @@ def test_a_killed_server_app_resumes(tmp_path: Path) -> None:
         os.kill(server_apps[0], signal.SIGKILL)
         run.wait(timeout=300)  # once Flower has noticed (about 45 s here)
         assert not (out / "results.json").exists()
-        resumed = procs.start("resumed", [flwr, "run", ".", "tls", "--stream", "--run-config",
-                                          config])
-        assert resumed.wait(timeout=600) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+        resumed_log = resume(procs, config, tmp_path)
     finally:
         procs.stop_all(str(tmp_path))
     assert not pids_using(str(tmp_path))
     rounds = json.loads((out / "results.json").read_text())["rounds"]
     assert [(r["round"], r["clients"]) for r in rounds] == [(0, 0)] + [(k, 2) for k in range(1, 5)]
-    assert re.search(rf"resuming {out} after round [23] of 4", (tmp_path / "resumed.log").read_text())
+    assert re.search(rf"resuming {out} after round [23] of 4", resumed_log)
 
 
 def test_no_training_sample_leaves_a_client(tmp_path: Path) -> None:

@@ -57,15 +57,23 @@ def test_round_time_is_transfer_plus_compute_by_hand() -> None:
     assert kept == {7, 8} and clock.last.dropped == 0 and clock.last.finished == 0
 
 
+def clients_by_round(out: Path) -> dict[int, list[dict[str, str]]]:
+    """clients.csv's rows, by round."""
+    rows: dict[int, list[dict[str, str]]] = {}
+    with open(out / "clients.csv") as fh:
+        for row in csv.DictReader(fh):
+            rows.setdefault(int(row["round"]), []).append(row)
+    return rows
+
+
 def test_offline_devices_are_never_sent_a_message(tmp_path: Path) -> None:
     cfg = Config(num_server_rounds=3, num_clients=20, clients_per_round=10, seed=4,
                  local_epochs=1, batch_size=32, devices="iot:0.5,phone-low:0.5",
                  round_deadline_s=5.0)
     results = simulate(cfg, tmp_path, progress=False)
-    with open(tmp_path / "clients.csv") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = clients_by_round(tmp_path)
     for record in results["rounds"][1:]:
-        mine = [r for r in rows if int(r["round"]) == record["round"]]
+        mine = rows.get(record["round"], [])
         offline = [r for r in mine if r["status"] == "offline"]
         assert len(offline) == record["clients_offline"] and len(mine) == 10
         assert record["clients_finished"] + record["clients_offline"] == 10
@@ -117,10 +125,9 @@ def test_stragglers_past_the_deadline_are_left_out_of_the_round(tmp_path: Path) 
                  local_epochs=1, batch_size=32, devices="phone-high:0.5,phone-low:0.5",
                  round_deadline_s=0.25)
     results = simulate(cfg, tmp_path, progress=False)
-    with open(tmp_path / "clients.csv") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = clients_by_round(tmp_path)
     for record in results["rounds"][1:]:
-        mine = [r for r in rows if int(r["round"]) == record["round"]]
+        mine = rows.get(record["round"], [])
         dropped = [r for r in mine if r["status"] == "dropped"]
         finished = [r for r in mine if r["status"] == "finished"]
         assert {r["device"] for r in dropped} <= {"phone-low"}

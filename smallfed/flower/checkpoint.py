@@ -113,11 +113,11 @@ def save(out_dir: str | Path, ckpt: Checkpoint) -> Path:
     return final
 
 
-def load(run_dir: str | Path) -> Checkpoint:
-    """The checkpoint of a run folder; ConfigError if there is none or it is unreadable.
+def require(run_dir: str | Path) -> Path:
+    """The folder of a run folder's checkpoint, without reading it; ConfigError if none.
 
     A run stopped between :func:`save`'s two renames left only ``checkpoint.old``,
-    the previous checkpoint, whole: that one is read.
+    the previous checkpoint, whole: that one it is.
     """
     folder = Path(run_dir) / CHECKPOINT_DIR
     if not (folder / "state.json").is_file():
@@ -125,6 +125,13 @@ def load(run_dir: str | Path) -> Checkpoint:
     if not (folder / "state.json").is_file():
         raise ConfigError(f"{run_dir}: no checkpoint ({Path(run_dir) / CHECKPOINT_DIR}/state.json "
                           "is missing); name the folder of a run that `smallfed simulate` wrote")
+    return folder
+
+
+def load(run_dir: str | Path) -> Checkpoint:
+    """The checkpoint of a run folder (see :func:`require`); ConfigError if there is none
+    or it is unreadable."""
+    folder = require(run_dir)
     try:
         return _read(folder)
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, DecodeError) as err:
