@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,15 @@ def rounds_of_dp(cfg: Config, rounds: int) -> list:
         history = outcome.history
         outcomes.append(outcome)
     return outcomes
+
+
+@pytest.mark.parametrize("modules", ["smallfed.privacy, smallfed.privacy.user_dp",
+                                     "smallfed.simulation"])
+def test_opacus_is_imported_only_when_privacy_is_on(modules: str) -> None:
+    """Opacus and scipy.stats take 3 s to import; a run without privacy does not pay it."""
+    code = f"import {modules}, sys; print('opacus' in sys.modules, 'scipy.stats' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
 
 
 def test_epsilon_adds_up_across_rounds_and_matches_one_accountant() -> None:

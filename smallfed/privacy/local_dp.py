@@ -24,12 +24,6 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.validators import ModuleValidator
-from scipy.stats import binom
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -37,8 +31,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from smallfed.config import Config, ConfigError
 from smallfed.training import TrainResult, make_optimizer
 
-# Importing Opacus calls logging.basicConfig, which gives the root logger a handler;
-# Flower's logger has its own, so every Flower line would print twice.
+# Opacus and scipy.stats are imported inside the functions that use them: they take
+# 3 s, and a run without privacy never needs them. Importing it calls logging.basicConfig, which gives the root
+# logger a handler; Flower's logger has its own, so every Flower line would print twice.
 logging.getLogger("flwr").propagate = False
 
 History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps)
@@ -57,6 +52,8 @@ class PrivateRound:
 
 def check_private_model(model: nn.Module) -> None:
     """Fail early on layers Opacus cannot train privately (BatchNorm, for one)."""
+    from opacus.validators import ModuleValidator
+
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         names = "; ".join(sorted({str(e) for e in errors}))
@@ -83,6 +80,8 @@ def planned_rounds(cfg: Config) -> int:
     for the median leaves half the clients without budget before the end; a higher
     quantile spreads each budget over more rounds at the price of more noise per round.
     """
+    from scipy.stats import binom  # 1 s, like Opacus: only when DP is on
+
     rate = min(1.0, cfg.clients_per_round / cfg.num_clients)
     return max(1, int(binom.ppf(cfg.dp_plan_quantile, cfg.num_server_rounds, rate)))
 
@@ -94,6 +93,8 @@ def noise_for(cfg: Config, num_examples: int) -> float:
 
     Cached: the search calls the accountant a dozen times, about a second with PRV.
     """
+    from opacus.accountants.utils import get_noise_multiplier
+
     if cfg.dp_target_epsilon <= 0:
         return cfg.dp_noise
     return get_noise_multiplier(
@@ -124,6 +125,9 @@ def epsilon_of(cfg: Config, history: History) -> float:
 def _epsilon(mechanism: str, delta: float,
              history: tuple[tuple[float, float, int], ...]) -> float:
     """The accountant's epsilon, cached: clients of one size share their histories."""
+    from opacus.accountants import RDPAccountant, create_accountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     if mechanism == "rdp":
         # Opacus's RDPAccountant recomputes the RDP curve of every (noise, rate) on each
         # call, a quarter of a small client's round; RDP composes by addition, so the
@@ -139,6 +143,9 @@ def _epsilon(mechanism: str, delta: float,
 
 @lru_cache(maxsize=1024)
 def _rdp_per_step(noise: float, rate: float) -> np.ndarray:
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     return rdp_analysis.compute_rdp(
         q=rate, noise_multiplier=noise, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
 
@@ -153,6 +160,8 @@ def train_private(
     clipping: they would be thrown away anyway, and counting them in each sample's norm
     would clip the useful part harder for the same noise.
     """
+    from opacus import PrivacyEngine
+
     n = len(y)
     noise = noise_for(cfg, n)
     params = dict(model.named_parameters())

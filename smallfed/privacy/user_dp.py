@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
-from opacus.accountants.utils import get_noise_multiplier
 
 from smallfed.config import Config
 from smallfed.privacy.local_dp import budget, epsilon_of
@@ -136,6 +135,8 @@ class UserLevelDP:
 
 def user_noise(cfg: Config) -> float:
     """``dp-noise``, or the noise that spends ``dp-target-epsilon`` in the planned rounds."""
+    from opacus.accountants.utils import get_noise_multiplier  # 2 s: only when DP is on
+
     if cfg.dp_target_epsilon <= 0:
         return cfg.dp_noise
     return get_noise_multiplier(
