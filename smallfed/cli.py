@@ -5,25 +5,51 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tomllib
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from smallfed.config import Config, ConfigError, describe_keys, parse_override
 
-DEFAULT_CONFIG = Path("simulations/quickstart.toml")
+INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C (128 + SIGINT)
+
+
+def quickstart() -> dict[str, Any]:
+    """The quickstart's values (simulations/quickstart.toml), shipped inside the package
+    so that the defaults are the same whichever folder `smallfed` runs in."""
+    return tomllib.loads(resources.files("smallfed").joinpath("quickstart.toml").read_text())
 
 
 def load_config(path: str | None, overrides: list[str]) -> Config:
-    """The run configuration: a TOML file (quickstart by default) plus ``--set`` values."""
+    """The run configuration: a TOML file (the quickstart by default) plus ``--set`` values."""
     values = dict(parse_override(o) for o in overrides)
     if path is None:
-        if DEFAULT_CONFIG.is_file():
-            return Config.from_toml(DEFAULT_CONFIG, values)
-        return Config.from_mapping(values)  # the defaults are the quickstart's
+        return Config.from_mapping({**quickstart(), **values})
     return Config.from_toml(path, values)
+
+
+def print_error(prefix: str, message: str) -> None:
+    """A red prefix, then the message as plain text: rich markup would turn a codec's
+    ``:global`` into an emoji and drop a ``[...]``."""
+    Console(stderr=True, soft_wrap=True).print(Text(prefix, style="bold red"), Text(message))
+
+
+def stopped_simulation(out: Path) -> str:
+    """The one line a Ctrl-C leaves: where the finished rounds are and how to go on."""
+    from smallfed.flower.checkpoint import require
+
+    try:
+        require(out)
+    except ConfigError:
+        return f"before the first checkpoint, nothing in {out} to resume"
+    return (f"the finished rounds are in {out / 'results.json'}; "
+            f"go on with: smallfed simulate --resume {out}")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -37,6 +63,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         if args.out and Path(args.out) != Path(args.resume):
             raise ConfigError("--resume DIR writes into DIR; drop --out")
+        if args.overwrite:
+            raise ConfigError("--resume goes on from DIR's checkpoint, --overwrite starts "
+                              "afresh; drop one")
         out = Path(args.resume)
         saved = load(out).config
         if args.config:
@@ -46,7 +75,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.set)
         out = Path(args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
-    results = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume))
+    try:
+        results = simulate(cfg, out, progress=not args.no_progress, resume=bool(args.resume),
+                           overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print_error("interrupted:", stopped_simulation(out))
+        return INTERRUPTED
     print_rounds(results, console)
     plot_rounds(results, out / "accuracy.png")
     console.print(f"results: {out / 'results.json'}, {out / 'rounds.csv'}, {out / 'accuracy.png'}")
@@ -102,8 +136,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         table = run_sweep(sweep, progress=not args.no_progress)
     except RuntimeError as err:  # some points failed; the others are in the table
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]{err}[/]")
+        print_error("error:", str(err))
         return 1
+    except KeyboardInterrupt:  # run_sweep has dropped the queued points
+        print_error("interrupted:", f"the finished points are in {sweep.out / 'sweep.csv'}; "
+                    f"go on with: smallfed sweep --config {args.config}")
+        return INTERRUPTED
     Console().print(f"{len(sweep.points)} points: {table}; plots: smallfed report {sweep.out}")
     return 0
 
@@ -163,7 +201,7 @@ def cmd_keys(_: argparse.Namespace) -> int:
     for name in ("key", "default", "meaning"):
         table.add_column(name)
     for row in describe_keys():
-        table.add_row(*row)
+        table.add_row(*map(Text, row))  # plain: a doc's "[a | b]" (its choices) is not markup
     Console().print(table)
     return 0
 
@@ -172,10 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smallfed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a federated simulation")
-    sim.add_argument("--config", help=f"run configuration (TOML); default {DEFAULT_CONFIG}")
+    sim.add_argument("--config", help="run configuration (TOML); default: the quickstart "
+                     "(simulations/quickstart.toml, also inside the package)")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a configuration key (repeatable)")
     sim.add_argument("--out", help="results folder (default runs/<date-time>)")
+    sim.add_argument("--overwrite", action="store_true",
+                     help="start afresh in an --out that holds a run's results or checkpoint")
     sim.add_argument("--no-progress", action="store_true", help="no progress bars")
     sim.add_argument("--resume", metavar="DIR",
                      help="go on from the checkpoint of an interrupted run in DIR")
@@ -242,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as err:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]configuration error:[/] {err}")
+        print_error("configuration error:", str(err))
         return 2
 
 

@@ -17,8 +17,9 @@ every combination is one point, a complete simulation in its own folder::
     eps-8 = {privacy = "sample", dp-target-epsilon = 8.0}
 
 Every point's configuration is checked before any runs. A point whose folder holds
-its results (with the same configuration) is not run again, so a stopped sweep
-restarts where it stopped. ``sweep.csv`` has one row per finished point, rewritten as
+the results of all its rounds (with the same configuration) is not run again, so a
+stopped sweep restarts where it stopped; Ctrl-C stops the running points and drops
+the queued ones. ``sweep.csv`` has one row per finished point, rewritten as
 each point ends.
 """
 
@@ -29,6 +30,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -116,23 +118,43 @@ def point_dir(sweep: Sweep, point: Point) -> Path:
 
 
 def finished(sweep: Sweep, point: Point) -> dict[str, Any] | None:
-    """The point's results if it has run with this very configuration, else None."""
+    """The point's results if it has run all its rounds with this very configuration,
+    else None (results.json is written after every round, so a stopped run has one)."""
     results_file = point_dir(sweep, point) / "results.json"
     if not results_file.is_file():
         return None
     try:  # a key added to smallfed since the point ran reads as its default
         results = json.loads(results_file.read_text())
         same = Config.from_mapping(results.get("config", {})) == point.config
-    except (ValueError, ConfigError):  # cut short while written: run it again
-        same = False
-    return results if same else None
+        done = results["rounds"][-1]["round"] == point.config.num_server_rounds
+    except (ValueError, LookupError, ConfigError):  # cut short while written: run it again
+        return None
+    return results if same and done else None
+
+
+def _ignore_ctrl_c() -> None:
+    """In each worker: Ctrl-C reaches the whole process group, and the sweep process
+    alone decides what stops (a worker's own KeyboardInterrupt prints a traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_point(args: tuple[Config, str]) -> dict[str, Any]:
     from smallfed.simulation import simulate  # in the worker process
 
     cfg, out = args
-    return simulate(cfg, out, progress=False)
+    # The folder holds no finished run of this point (see finished): start it afresh.
+    return simulate(cfg, out, progress=False, overwrite=True)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Drop the queued points and end the running ones now; a plain shutdown would
+    wait for the running points to finish. A stopped point runs again next time."""
+    workers = list(pool._processes.values())  # pylint: disable=protected-access
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:  # Python 3.14 has pool.terminate_workers()
+        worker.terminate()
+    for worker in workers:  # gone, and their out-dir locks free, before the sweep returns
+        worker.join()
 
 
 def run_sweep(sweep: Sweep, progress: bool = True) -> Path:
@@ -146,20 +168,25 @@ def run_sweep(sweep: Sweep, progress: bool = True) -> Path:
                             completed=len(sweep.points) - len(todo))
         # spawn, not fork: a forked child of a process that ran torch can deadlock.
         with ProcessPoolExecutor(min(sweep.workers, max(1, len(todo))),
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+                                 mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_ignore_ctrl_c) as pool:
             jobs = {pool.submit(_run_point, (p.config, str(point_dir(sweep, p)))): p
                     for p in todo}
             failed = []
-            for job in as_completed(jobs):
-                point = jobs[job]
-                try:
-                    results[point.name] = job.result()
-                except Exception as err:  # pylint: disable=broad-exception-caught
-                    failed.append(f"{point.name}: {type(err).__name__}: {err}")
-                    bar.update(task, advance=1, description=f"FAILED {point.name}")
-                    continue
-                write_table(sweep, results)  # the table so far: a long sweep can be read early
-                bar.update(task, advance=1, description=f"done {point.name}")
+            try:
+                for job in as_completed(jobs):
+                    point = jobs[job]
+                    try:
+                        results[point.name] = job.result()
+                    except Exception as err:  # pylint: disable=broad-exception-caught
+                        failed.append(f"{point.name}: {type(err).__name__}: {err}")
+                        bar.update(task, advance=1, description=f"FAILED {point.name}")
+                        continue
+                    write_table(sweep, results)  # the table so far: readable early
+                    bar.update(task, advance=1, description=f"done {point.name}")
+            except KeyboardInterrupt:
+                _stop(pool)
+                raise
     table = write_table(sweep, results)
     if failed:  # the others ran and are in the table; rerunning retries only these
         raise RuntimeError("sweep points failed:\n" + "\n".join(failed))

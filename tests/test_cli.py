@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from smallfed.cli import main
+import smallfed.simulation
+from smallfed.cli import load_config, main
+from smallfed.config import Config
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--set", "num-server-rounds=1", "--set", "num-clients=4", "--set", "clients-per-round=2"]
 
 
@@ -56,3 +60,75 @@ def test_bad_configuration_fails_before_any_work(
 def test_keys_lists_every_key(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keys"]) == 0
     assert "num-server-rounds" in capsys.readouterr().out
+
+
+def test_the_packaged_quickstart_is_the_users_copy() -> None:
+    packaged = resources.files("smallfed").joinpath("quickstart.toml").read_text()
+    assert packaged == (ROOT / "simulations" / "quickstart.toml").read_text()
+
+
+def test_defaults_do_not_depend_on_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no simulations/ here
+    assert load_config(None, []) == Config.from_toml(ROOT / "simulations" / "quickstart.toml")
+    assert load_config(None, ["lr=0.1"]).lr == 0.1
+
+
+def test_a_finished_run_is_kept_unless_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = ["simulate", *SMALL, "--set", "model=mlp", "--out", str(tmp_path), "--no-progress"]
+    assert main(run) == 0
+    first = (tmp_path / "results.json").read_bytes()
+    capsys.readouterr()
+    assert main(run) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_bytes() == first
+    assert main(["simulate", "--resume", str(tmp_path), "--overwrite"]) == 2
+    assert main([*run, "--set", "seed=1", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["seed"] == 1
+
+
+def test_ctrl_c_says_how_to_resume_and_keeps_the_finished_rounds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real, pressed = smallfed.simulation.simulate, []
+
+    def ctrl_c_after_round_1(*args, **kwargs):  # type: ignore[no-untyped-def]
+        def hook(record, _total):  # type: ignore[no-untyped-def]
+            if record.round == 1 and not pressed:
+                pressed.append(True)
+                raise KeyboardInterrupt
+        return real(*args, **kwargs, on_round=hook)
+
+    monkeypatch.setattr(smallfed.simulation, "simulate", ctrl_c_after_round_1)
+    out = tmp_path / "run"
+    run = ["simulate", *SMALL, "--set", "num-server-rounds=3", "--out", str(out), "--no-progress"]
+    assert main(run) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"go on with: smallfed simulate --resume {out}" in err
+    assert "Traceback" not in err
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert main(["simulate", "--resume", str(out), "--no-progress"]) == 0
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+
+
+def test_errors_are_printed_as_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """Rich markup would read the codec's ':global' as an emoji name and '[red]' as a style."""
+    assert main(["simulate", "--set", "codec=quantize:4,topk:0.01:global"]) == 2
+    assert "topk:0.01:global" in capsys.readouterr().err
+    assert main(["simulate", "--set", "codec=topk:0.01:global,[red]sign"]) == 2
+    err = capsys.readouterr().err
+    assert "'[red]sign'" in err and "topk:A[:global]" in err
+
+
+def test_keys_prints_each_keys_choices(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A doc's "[iid | dirichlet | ...]" is text, not rich markup that disappears."""
+    monkeypatch.setenv("COLUMNS", "400")
+    assert main(["keys"]) == 0
+    assert "[iid | dirichlet | pathological | shard]" in capsys.readouterr().out

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
+import multiprocessing
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import smallfed.sweep
 from smallfed.cli import main
-from smallfed.config import ConfigError
+from smallfed.config import Config, ConfigError
 from smallfed.report.tradeoff import pareto_front
-from smallfed.sweep import load_sweep, point_dir
+from smallfed.sweep import finished, load_sweep, point_dir
 
 SWEEP = """
 seeds = [3]
@@ -94,3 +98,52 @@ def test_a_bad_point_fails_before_any_run(tmp_path: Path) -> None:
 def test_malformed_sweep_files_are_refused_clearly(tmp_path: Path, change, message) -> None:
     with pytest.raises(ConfigError, match=message):
         load_sweep(write(tmp_path, SWEEP.replace(*change)))
+
+
+def test_a_point_stopped_midway_is_run_again(tmp_path: Path) -> None:
+    """results.json is written after every round: only the last round makes it finished."""
+    sweep = load_sweep(write(tmp_path, SWEEP))
+    point = sweep.points[0]
+    folder = point_dir(sweep, point)
+    folder.mkdir(parents=True)
+    results = {"config": point.config.to_dict(), "rounds": [{"round": 0}], "summary": {}}
+    (folder / "results.json").write_text(json.dumps(results))
+    assert finished(sweep, point) is None
+    results["rounds"].append({"round": 1})  # num-server-rounds = 1
+    (folder / "results.json").write_text(json.dumps(results))
+    assert finished(sweep, point) == results
+
+
+def slow_point(args: tuple[Config, str]) -> dict[str, Any]:
+    """A point that says it started, then runs far longer than the test waits."""
+    out = Path(args[1])
+    out.mkdir(parents=True)
+    (out / "started").touch()
+    time.sleep(300)
+    return {}
+
+
+def test_ctrl_c_stops_the_running_point_and_drops_the_queued_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write(tmp_path, SWEEP.replace("workers = 2", "workers = 1"))
+    sweep = load_sweep(config)
+
+    def started() -> list[str]:
+        return [p.name for p in sweep.points if (point_dir(sweep, p) / "started").exists()]
+
+    def ctrl_c_once_a_point_runs(jobs: Any) -> Any:
+        deadline = time.monotonic() + 120
+        while not started() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(smallfed.sweep, "_run_point", slow_point)
+    monkeypatch.setattr(smallfed.sweep, "as_completed", ctrl_c_once_a_point_runs)
+    begun = time.monotonic()
+    assert main(["sweep", "--config", str(config), "--no-progress"]) == 130
+    assert time.monotonic() - begun < 150  # the running point was not waited for
+    assert started() == [sweep.points[0].name]  # the 3 queued points never ran
+    assert not multiprocessing.active_children()
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"go on with: smallfed sweep --config {config}" in err
