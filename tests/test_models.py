@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from smallfed.models import MODELS, build_model, model_report
+from smallfed.config import ConfigError
+from smallfed.models import MODELS, build_model, macs, model_report
 
 
 def test_cnn_seed_matches_the_reference() -> None:
@@ -44,8 +45,42 @@ def linear_factory(input_shape: tuple, num_classes: int) -> nn.Module:
 def test_bring_your_own_model() -> None:
     model = build_model("tests.test_models:linear_factory", (1, 8, 8), 10, seed=0)
     assert model_report(model).params == 64 * 10 + 10
-    with pytest.raises(ValueError, match="is not in the zoo"):
-        build_model("resnet-152", (1, 8, 8), 10, seed=0)
+    tabular = build_model("tests.test_models:linear_factory", (13,), 3, seed=0)
+    assert tabular(torch.zeros(2, 13)).shape == (2, 3)
+
+
+NOT_A_FUNCTION = 7
+
+
+def not_a_model(input_shape: tuple, num_classes: int) -> str:
+    return "a model"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("resnet-152", "model: 'resnet-152' is not in the zoo (cnn-tiny, cnn-seed, cnn-shared, "
+                       "mlp"),
+        ("tests.no_such_module:f", "no module 'tests.no_such_module'"),
+        ("tests.test_models:nope", "has no 'nope'; it has"),
+        ("tests.test_models:NOT_A_FUNCTION", "is not callable (int)"),
+        ("tests.test_models:not_a_model", "returned str, not a torch.nn.Module"),
+    ],
+)
+def test_unknown_models_are_config_errors(name: str, message: str) -> None:
+    with pytest.raises(ConfigError, match="^model: ") as err:
+        build_model(name, (1, 8, 8), 10, seed=0)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_mlp_takes_tabular_features_and_the_cnns_say_they_need_images() -> None:
+    model = build_model("mlp", (13,), 3, seed=0)
+    assert model(torch.zeros(4, 13)).shape == (4, 3)
+    assert macs(model, (13,)) == 13 * 64 + 64 * 3
+    for name in ("cnn-tiny", "cnn-seed", "cnn-shared"):
+        with pytest.raises(ConfigError, match=f"model: {name} takes images .C, H, W., the "
+                                              r"dataset's samples have shape \(13,\); use mlp"):
+            build_model(name, (13,), 3, seed=0)
 
 
 def test_shared_block_model_is_small_and_opacus_gets_its_per_sample_gradients() -> None:

@@ -1,13 +1,14 @@
 """The compact model zoo, with parameter counts and fp32 sizes.
 
 Every factory takes ``(input_shape, num_classes)`` so the same name builds the model
-for 8x8 digits and 28x28 MNIST. Bring your own model by naming a
-``package.module:function`` with that signature as the ``model`` key.
+for 8x8 digits and 28x28 MNIST; ``input_shape`` is one sample's shape, (C, H, W) for
+images or (F,) for tabular features (the CNNs need images, ``mlp`` takes either).
+Bring your own model by naming a ``package.module:function`` with that signature
+as the ``model`` key, or add it to the zoo with ``@register``.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ModelFactory = Callable[[tuple[int, int, int], int], nn.Module]
+from smallfed.config import ConfigError
+from smallfed.plugins import load_object
+
+ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
 MODELS: dict[str, ModelFactory] = {}
 
 
@@ -29,15 +33,23 @@ def register(name: str) -> Callable[[ModelFactory], ModelFactory]:
     return add
 
 
+def image_shape(model: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(C, H, W) of image inputs; a ConfigError for tabular ones, which a CNN cannot take."""
+    if len(input_shape) != 3:
+        raise ConfigError(f"model: {model} takes images (C, H, W), the dataset's samples have "
+                          f"shape {tuple(input_shape)}; use mlp or a model of your own")
+    return input_shape  # type: ignore[return-value]
+
+
 @register("cnn-tiny")
-def cnn_tiny(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+def cnn_tiny(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Two 3x3 conv blocks (16, 32 channels) with GroupNorm, then 64 hidden units.
 
     GroupNorm, not BatchNorm: its statistics are per sample, so Opacus's per-sample
     gradients stay exact, and FedAvg has no running statistics to average.
     About 106k parameters on 28x28 inputs.
     """
-    channels, height, width = input_shape
+    channels, height, width = image_shape("cnn-tiny", input_shape)
     return nn.Sequential(
         nn.Conv2d(channels, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(), nn.MaxPool2d(2),
@@ -48,12 +60,12 @@ def cnn_tiny(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
 
 
 @register("cnn-seed")
-def cnn_seed(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+def cnn_seed(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The project's reference CNN: Conv2d 32 3x3, ReLU, MaxPool 2, Dense 128, ReLU, Dense 10.
 
     693,962 parameters (2.78 MB fp32) on 28x28 inputs.
     """
-    channels, height, width = input_shape
+    channels, height, width = image_shape("cnn-seed", input_shape)
     return nn.Sequential(
         nn.Conv2d(channels, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(32 * ((height - 2) // 2) * ((width - 2) // 2), 128), nn.ReLU(),
@@ -99,38 +111,46 @@ class SharedBlockCNN(nn.Module):
 
 
 @register("cnn-shared")
-def cnn_shared(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+def cnn_shared(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """:class:`SharedBlockCNN`: 32 channels, one 3x3 block used 3 times (10,026 parameters)."""
-    return SharedBlockCNN(input_shape, num_classes)
+    return SharedBlockCNN(image_shape("cnn-shared", input_shape), num_classes)
 
 
 @register("mlp")
-def mlp(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """One hidden layer of 64 units: the smallest baseline."""
-    channels, height, width = input_shape
+def mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """One hidden layer of 64 units: the smallest baseline, for images or tabular features."""
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(channels * height * width, 64), nn.ReLU(),
+        nn.Flatten(), nn.Linear(math.prod(input_shape), 64), nn.ReLU(),
         nn.Linear(64, num_classes),
     )
 
 
 def build_model(
-    name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int
+    name: str, input_shape: tuple[int, ...], num_classes: int, seed: int
 ) -> nn.Module:
-    """A model from the zoo or from ``package.module:function``, initialised from ``seed``."""
+    """A model from the zoo or from ``package.module:function``, initialised from ``seed``.
+
+    An unknown name or an unloadable function is a ConfigError naming the fix.
+    """
     if name in MODELS:
         factory = MODELS[name]
     elif ":" in name:
-        module_name, _, attr = name.partition(":")
-        factory = getattr(importlib.import_module(module_name), attr)
+        factory = load_object(name, "model")
+        if not callable(factory):
+            raise ConfigError(f"model: {name!r} is not callable ({type(factory).__name__}); "
+                              "name a function (input_shape, num_classes) -> torch.nn.Module")
     else:
-        raise ValueError(
+        raise ConfigError(
             f"model: {name!r} is not in the zoo ({', '.join(MODELS)}) "
             "and is not a package.module:function"
         )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return factory(input_shape, num_classes)
+        model = factory(input_shape, num_classes)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model: {name!r} returned {type(model).__name__}, "
+                          "not a torch.nn.Module")
+    return model
 
 
 @dataclass(frozen=True)
