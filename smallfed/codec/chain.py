@@ -14,11 +14,18 @@ A codec is written as a string of comma-separated stages, for example
 ``zlib[:L]``         lossless compression of the packed payload (level L)
 =================  ===========================================================
 
+Stages are separated by commas; a stage's arguments follow its name after colons.
+Each name is a registered :class:`~smallfed.codec.stages.Stage` class
+(``STAGES``; add your own with ``@register_stage``); ``error_feedback`` and
+``zlib`` are properties of the chain itself.
+
 Order rules, checked by :func:`chain`: at most one sparsifier and one value coder;
-the sparsifier comes before the value coder (quantising values that are then
-dropped wastes work and, for top-k, ranks quantisation noise); ``zlib`` comes last;
+the value coder is the last stage, after the sparsifier (quantising values that
+are then dropped wastes work and, for top-k, ranks quantisation noise) and after
+any transform (which needs float32 values); ``zlib`` comes last;
 ``error_feedback`` (anywhere, once) needs a lossy stage. The state of error
 feedback is explicit: :meth:`Chain.encode` takes the residual and returns the new one.
+:func:`check_downlink` says whether a chain may code the broadcast model.
 """
 
 from __future__ import annotations
@@ -29,17 +36,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from smallfed.codec.stages import (
-    Cast16,
-    Cluster,
-    Quantize,
-    RandK,
-    Sign,
-    Stage,
-    TensorCode,
-    TopK,
-    check_layout,
-)
+from smallfed.codec.stages import STAGES, Stage, TensorCode, check_layout, parse_number
 from smallfed.codec.wire import PayloadError, pack, unpack
 
 Update = dict[str, np.ndarray]
@@ -135,36 +132,29 @@ def parse_stage(text: str) -> Stage | str:
     """One stage from its string form; 'error_feedback' and 'zlib:L' come back as names."""
     name, *args = text.strip().split(":")
     try:
-        if name == "topk" and args:
-            return TopK(float(args[0]), global_=args[1:] == ["global"]) if args[1:] in (
-                [], ["global"]) else _bad(text, "topk:A or topk:A:global")
-        if name == "randk" and len(args) == 1:
-            return RandK(float(args[0]))
-        if name == "quantize" and len(args) in (1, 2):
-            return Quantize(int(args[0]), int(args[1]) if len(args) == 2 else 0)
-        if name == "sign" and not args:
-            return Sign()
-        if name == "cluster" and len(args) == 1:
-            return Cluster(int(args[0]))
-        if name in ("fp16", "bf16") and not args:
-            return Cast16(name)
-        if name in ("error_feedback", "ef") and not args:
+        if name in ("error_feedback", "ef"):
+            if args:
+                raise ValueError("takes no arguments; write it as error_feedback")
             return "error_feedback"
-        if name == "zlib" and len(args) <= 1:
-            level = int(args[0]) if args else 6
-            if not 0 <= level <= 9:
-                raise ValueError(f"zlib level {level} must be 0..9")
+        if name == "zlib":
+            level = int(parse_number(args[0], int, "zlib[:L]")) if len(args) == 1 else 6
+            if len(args) > 1 or not 0 <= level <= 9:
+                raise ValueError("write it as zlib[:L], L a level 0..9")
             return f"zlib:{level}"
+        if name in STAGES:
+            return STAGES[name].from_args(args)
     except ValueError as err:
-        raise CodecError(f"codec stage {text!r}: {err}") from err
-    raise CodecError(
-        f"codec stage {text!r} is not known; use topk:A[:global], randk:F, quantize:B[:N], "
-        "sign, cluster:K, fp16, bf16, error_feedback or zlib[:L]"
-    )
+        other_separator = any(ch in text.strip() for ch in "; |+")
+        hint = "; stages are separated by commas" if other_separator else ""
+        raise CodecError(f"codec stage {text!r}: {err}{hint}") from err
+    raise CodecError(f"codec stage {text!r} is not known; {stage_forms()}")
 
 
-def _bad(text: str, form: str) -> Stage:
-    raise ValueError(f"write it as {form}")
+def stage_forms() -> str:
+    """The codec syntax in one sentence, from the registered stages."""
+    forms = [cls.usage or name for name, cls in STAGES.items()]
+    return (f"stages are separated by commas, each one of {', '.join(forms)}, "
+            "error_feedback or zlib[:L]")
 
 
 def chain(*stages: Stage | str) -> Chain:
@@ -177,12 +167,14 @@ def chain(*stages: Stage | str) -> Chain:
         if len(same) > 1:
             raise CodecError(f"{' and '.join(same)} both {_ROLE[role]}; keep one")
     roles = [s.role for s in real]
-    if "sparsify" in roles and "values" in roles and roles.index("values") < roles.index("sparsify"):
-        raise CodecError(
-            f"{real[roles.index('values')].spec} comes before "
-            f"{real[roles.index('sparsify')].spec}; sparsify first, then code the values "
-            "(for example topk:0.01,quantize:4)"
-        )
+    if "values" in roles and roles.index("values") != len(roles) - 1:
+        coder, after = real[roles.index("values")], real[roles.index("values") + 1]
+        if after.role == "sparsify":
+            raise CodecError(
+                f"{coder.spec} comes before {after.spec}; sparsify first, then code the "
+                "values (for example topk:0.01,quantize:4)")
+        raise CodecError(f"{after.spec} comes after {coder.spec}, which codes the values; "
+                         f"put {after.spec} first: it works on float32 values")
     if flags.count("error_feedback") > 1:
         raise CodecError("error_feedback appears twice")
     zlibs = [i for i, s in enumerate(parsed) if isinstance(s, str) and s.startswith("zlib")]
@@ -194,9 +186,24 @@ def chain(*stages: Stage | str) -> Chain:
         zlib_level=int(parsed[zlibs[0]].split(":")[1]) if zlibs else None,
     )
     if built.error_feedback and not built.lossy:
-        raise CodecError("error_feedback needs a lossy stage to correct (topk, randk, "
-                         "quantize, sign, cluster, fp16 or bf16)")
+        lossy = [name for name, cls in STAGES.items() if cls.lossy]
+        raise CodecError(f"error_feedback needs a lossy stage to correct ({', '.join(lossy)})")
     return built
+
+
+def check_downlink(codec: Chain) -> None:
+    """Refuse a chain that may not code the model the server broadcasts.
+
+    The broadcast is the whole model, not a delta: sparsifying or signing it (or
+    carrying a residual of it) would destroy it. A stage says so itself (``downlink``).
+    """
+    bad = [s.spec for s in codec.stages if not s.downlink]
+    bad += ["error_feedback"] if codec.error_feedback else []
+    if bad:
+        usable = [cls.usage or name for name, cls in STAGES.items() if cls.downlink]
+        raise CodecError(
+            f"{','.join(bad)!r} would sparsify or sign the model itself (the broadcast is "
+            f"the whole model, not a delta); use {', '.join(usable)} or zlib")
 
 
 _ROLE = {"sparsify": "choose which values to send", "values": "code the values"}

@@ -14,12 +14,18 @@ Error bounds, per value kept (``x`` the input, ``x'`` the decoded value):
 * ``cluster:k``: ``x'`` is the nearest of the tensor's k shared values (1-D k-means:
   each value moves to its cluster's mean; biased, use error feedback).
 * ``topk`` / ``randk``: kept values exact, dropped ones zero (use error feedback).
+
+Every stage class registers itself under its codec-string name
+(:func:`register_stage`), so a stage of your own, in your own module, is one class
+(see :class:`Stage` for the contract).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import numpy as np
 
@@ -60,11 +66,49 @@ class TensorCode:
 
 
 class Stage:
-    """One step of a codec chain."""
+    """One step of a codec chain; subclass it and :func:`register_stage` it to add one.
 
-    name: str = ""
-    role: str = ""  # "sparsify", "values" (changes how values are stored) or "lossless"
+    The contract a stage keeps, since the wire format (:mod:`smallfed.codec.wire`)
+    carries only what a :class:`TensorCode` holds:
+
+    * ``encode`` returns one TensorCode per input, same order and ``shape`` (the
+      server checks shapes against its model). It may drop values (``indices``:
+      sorted unique flat positions; or ``seeded=True``, positions that ``decode``
+      regenerates from ``seed``, not sent) and store them as one of ``KINDS``:
+      ``f32`` (float32), ``f16`` (float16), ``bf16`` (uint16 bit patterns), ``q``
+      (uint8 codes of ``bits`` 1..8, ``block`` values per scale block or 0 for one
+      block, two float32 ``scales`` lo/hi per block), ``sign`` (1-bit codes, one
+      scale) or ``cb`` (codes of ``bits`` bits into ``block`` <= 256 float32 ``scales``).
+      Nothing else reaches the server: parameters a decoder needs go in the stage's
+      ``spec`` (the server builds its chain from the same codec string) or in ``scales``.
+    * ``decode`` undoes ``encode`` from that alone (and ``seed``), ending in ``f32``.
+    * ``check`` says why tensors read from the wire cannot be this stage's output,
+      so ``decode`` can trust their layout (a client may be hostile).
+    * ``role`` places it in the chain: ``"transform"`` changes float32 values and
+      keeps them float32 (clip, scale, rotate); ``"sparsify"`` chooses values
+      (at most one); ``"values"`` changes how they are stored (at most one, and
+      the last stage). ``lossy`` says whether error feedback has anything to correct.
+    * ``downlink``: whether it may code the model the server broadcasts, the whole
+      model rather than a delta. Sparsifiers and sign would destroy it: False by
+      default, so a new stage is refused there until it says otherwise.
+    * ``from_args`` builds the stage from the words after its name in the codec
+      string (``"clip:1.5"`` gives ``["1.5"]``); ``usage`` is that form, for errors.
+    * It keeps no state between calls (randomness comes from ``rng`` and ``seed``):
+      a parsed chain is cached and shared by every client in a process.
+    """
+
+    name: str = ""  # set by register_stage
+    usage: str = ""  # the written form, e.g. "topk:A[:global]"; the name if empty
+    role: str = "transform"
     lossy: bool = True
+    downlink: bool = False
+
+    @classmethod
+    def from_args(cls, args: list[str]) -> Stage:
+        """The stage from its written arguments; ValueError saying the accepted form."""
+        if args:
+            raise ValueError(f"takes no arguments; write it as {cls.usage or cls.name}")
+        return cls()
 
     @property
     def spec(self) -> str:
@@ -88,6 +132,37 @@ class Stage:
         return None
 
 
+S = TypeVar("S", bound=type[Stage])
+STAGES: dict[str, type[Stage]] = {}
+RESERVED = ("error_feedback", "ef", "zlib", "none")  # chain-level words of a codec string
+ROLES = ("transform", "sparsify", "values")
+
+
+def register_stage(name: str) -> Callable[[S], S]:
+    """Make a Stage class usable in codec strings under ``name`` (it sets ``cls.name``)."""
+    if not name or name in RESERVED or any(ch in name for ch in ":, "):
+        raise ValueError(f"stage name {name!r}: must be non-empty, without ':', ',' or "
+                         f"spaces, and not one of {', '.join(RESERVED)}")
+
+    def add(cls: S) -> S:
+        if cls.role not in ROLES:
+            raise ValueError(f"stage {name}: role {cls.role!r} must be one of {', '.join(ROLES)}")
+        cls.name = name
+        STAGES[name] = cls
+        return cls
+
+    return add
+
+
+def parse_number(text: str, kind: type[int] | type[float], usage: str) -> int | float:
+    """``int(text)`` or ``float(text)``, with an error that shows the written form."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a {'whole number' if kind is int else 'number'}; "
+                         f"write it as {usage}") from None
+
+
 def check_layout(codes: list[TensorCode], kind: str, bits: int, block: int = 0) -> str | None:
     """The common check of value stages: every tensor's values stored as ``kind``."""
     for i, c in enumerate(codes):
@@ -104,6 +179,7 @@ def _keep(k: int, size: int) -> int:
     return min(size, max(1, k))
 
 
+@register_stage("topk")
 class TopK(Stage):
     """Keep the ``amount`` largest-magnitude values (a fraction < 1, or a count >= 1).
 
@@ -111,7 +187,13 @@ class TopK(Stage):
     with larger updates keep more.
     """
 
-    name, role = "topk", "sparsify"
+    usage, role = "topk:A[:global]", "sparsify"
+
+    @classmethod
+    def from_args(cls, args: list[str]) -> TopK:
+        if len(args) not in (1, 2) or args[1:] not in ([], ["global"]):
+            raise ValueError(f"write it as {cls.usage}")
+        return cls(parse_number(args[0], float, cls.usage), global_=len(args) == 2)
 
     def __init__(self, amount: float, global_: bool = False) -> None:
         if amount <= 0 or (amount >= 1 and amount != int(amount)):
@@ -158,6 +240,7 @@ class TopK(Stage):
         return replace(code, values=code.values[kept], indices=kept)
 
 
+@register_stage("randk")
 class RandK(Stage):
     """Keep a random ``fraction`` of each tensor; positions come from the payload's seed.
 
@@ -165,7 +248,13 @@ class RandK(Stage):
     not rescaled by d/k: this is the contractive (biased) form meant for error feedback.
     """
 
-    name, role = "randk", "sparsify"
+    usage, role = "randk:F", "sparsify"
+
+    @classmethod
+    def from_args(cls, args: list[str]) -> RandK:
+        if len(args) != 1:
+            raise ValueError(f"write it as {cls.usage}")
+        return cls(parse_number(args[0], float, cls.usage))
 
     def __init__(self, fraction: float) -> None:
         if not 0 < fraction < 1:
@@ -202,9 +291,11 @@ class RandK(Stage):
 class Cast16(Stage):
     """Store values as IEEE half precision (``fp16``) or bfloat16 (``bf16``)."""
 
-    role = "values"
+    role, downlink = "values", True
 
     def __init__(self, fmt: str) -> None:
+        if fmt not in ("fp16", "bf16"):
+            raise ValueError(f"{fmt!r}: 16-bit floats are fp16 or bf16")
         self.name = fmt
 
     def encode(self, codes, rng, seed):  # type: ignore[no-untyped-def]
@@ -225,6 +316,22 @@ class Cast16(Stage):
         return out
 
 
+@register_stage("fp16")
+class FP16(Cast16):
+    """``fp16``: :class:`Cast16` as registered (a codec string names one format)."""
+
+    def __init__(self) -> None:
+        super().__init__("fp16")
+
+
+@register_stage("bf16")
+class BF16(Cast16):
+    """``bf16``: :class:`Cast16` as registered."""
+
+    def __init__(self) -> None:
+        super().__init__("bf16")
+
+
 def to_bf16(values: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), rounding to nearest even."""
     raw = values.astype(np.float32).view(np.uint32)
@@ -236,6 +343,7 @@ def from_bf16(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
+@register_stage("quantize")
 class Quantize(Stage):
     """Stochastic ``bits``-bit quantisation between each block's min and max.
 
@@ -247,7 +355,14 @@ class Quantize(Stage):
     must clip after decoding.
     """
 
-    name, role = "quantize", "values"
+    usage, role, downlink = "quantize:B[:N]", "values", True
+
+    @classmethod
+    def from_args(cls, args: list[str]) -> Quantize:
+        if len(args) not in (1, 2):
+            raise ValueError(f"write it as {cls.usage}")
+        numbers = [int(parse_number(a, int, cls.usage)) for a in args]
+        return cls(*numbers)
 
     def __init__(self, bits: int, block: int = 0) -> None:
         if not (isinstance(bits, int) and 1 <= bits <= 8):
@@ -308,10 +423,11 @@ def level_step(lo: np.ndarray, hi: np.ndarray, levels: int) -> np.ndarray:
     return np.where(span > 0, span / np.float32(levels), np.float32(1)).astype(np.float32)
 
 
+@register_stage("sign")
 class Sign(Stage):
     """One bit a value: its sign, times the tensor's mean magnitude (scaled signSGD)."""
 
-    name, role = "sign", "values"
+    role = "values"
 
     def encode(self, codes, rng, seed):  # type: ignore[no-untyped-def]
         out = []
@@ -334,6 +450,7 @@ class Sign(Stage):
         return out
 
 
+@register_stage("cluster")
 class Cluster(Stage):
     """Parameter sharing: each value becomes an index into a codebook of ``k`` values.
 
@@ -345,7 +462,13 @@ class Cluster(Stage):
     several times faster on a model's worth of values.
     """
 
-    name, role = "cluster", "values"
+    usage, role, downlink = "cluster:K", "values", True
+
+    @classmethod
+    def from_args(cls, args: list[str]) -> Cluster:
+        if len(args) != 1:
+            raise ValueError(f"write it as {cls.usage}")
+        return cls(int(parse_number(args[0], int, cls.usage)))
 
     def __init__(self, k: int, iterations: int = 10) -> None:
         if not (isinstance(k, int) and 2 <= k <= 256):
