@@ -53,15 +53,21 @@ class Config:
     clients_per_round: int = _key(10, "Clients sampled for training each round.", ge=1)
     strategy: str = _key(
         "fedavg",
-        "Server strategy, one of Flower's: fedavg, fedavgm (server momentum), "
-        "fedadam (server Adam), fedprox (proximal term on clients).",
-        choices=("fedavg", "fedavgm", "fedadam", "fedprox"),
+        "The strategy that aggregates the decoded updates: one of Flower's (registered in "
+        "smallfed/flower/strategies.py), or package.module:function returning a Flower "
+        "Strategy. Every one combines with codecs and pruning; privacy = 'user' needs fedavg.",
     )
     server_lr: float = _key(
-        1.0, "Server learning rate (fedavgm: server_learning_rate; fedadam: eta).", gt=0
+        1.0, "Server learning rate (fedavgm: server_learning_rate; fedadam, fedyogi, "
+        "fedadagrad: eta).", gt=0
     )
     server_momentum: float = _key(0.0, "Server momentum (fedavgm).", ge=0, lt=1)
     proximal_mu: float = _key(0.0, "Proximal term weight (fedprox).", ge=0)
+    malicious_clients: int = _key(
+        0, "krum, multikrum, bulyan: the hostile clients a round may hold (their f).", ge=0)
+    trim_beta: float = _key(
+        0.2, "fedtrimmedavg: the share cut from each end of every coordinate.", ge=0, lt=0.5)
+    qfed_q: float = _key(0.1, "qfedavg: the fairness exponent q (0: FedAvg-like).", ge=0)
     min_replies: int = _key(
         1,
         "Fewest usable updates a round aggregates; with fewer the round fails (logged, "
@@ -105,7 +111,8 @@ class Config:
     # --- model and local training ------------------------------------------
     model: str = _key(
         "cnn-tiny",
-        "cnn-tiny, cnn-seed, mlp (see smallfed.models), or package.module:function.",
+        "A model of the zoo (smallfed.models), or package.module:function returning an "
+        "nn.Module for (input_shape, num_classes).",
     )
     local_epochs: int = _key(1, "Local epochs per round.", ge=1)
     batch_size: int = _key(32, "Local batch size.", ge=1)
@@ -215,9 +222,10 @@ class Config:
         0.0, "Adaptive clipping: noise on the unclipped count (0: expected clients / 20).", ge=0)
     dp_secure_rng: bool = _key(
         False,
-        "privacy = sample: Opacus's secure mode (cryptographic noise and sampling; needs "
-        "the torchcsprng package). Off by default: seeded, reproducible, fast; turn it on "
-        "for production.",
+        "privacy = sample: Opacus's secure mode (a cryptographically secure generator for "
+        "noise and sampling; needs the torchcsprng package). Off by default: the noise "
+        "still comes from fresh OS entropy (unless dp-reproducible), drawn with torch's "
+        "non-cryptographic generator.",
     )
     dp_reproducible: bool = _key(
         False,
@@ -284,11 +292,9 @@ class Config:
                 f"min-replies: {self.min_replies} is more than clients-per-round "
                 f"({self.clients_per_round}); no round could succeed"
             )
-        if self.privacy == "user" and self.strategy != "fedavg":
-            raise ConfigError(
-                f"strategy: DP-FedAvg (privacy = 'user') averages with FedAvg's server step; "
-                f"{self.strategy!r} is not supported with it, use fedavg"
-            )
+        from smallfed.flower.strategies import check_strategy  # it imports this module
+
+        check_strategy(self)
         if self.devices:
             from smallfed.devices.profiles import parse_mix  # here: smallfed.devices imports config
 
@@ -370,14 +376,27 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def describe_keys() -> list[tuple[str, str, str]]:
-    """(key, default, doc) for every key: the documentation `smallfed keys` prints."""
+    """(key, default, doc) for every key: the documentation `smallfed keys` prints.
+
+    Keys whose values come from a registry list what is registered now.
+    """
+    registered = _registered()
     rows = []
     for f in dataclasses.fields(Config):
         doc = f.metadata["doc"]
-        if f.metadata["choices"]:
-            doc += f" [{' | '.join(f.metadata['choices'])}]"
+        choices = f.metadata["choices"] or registered.get(f.name)
+        if choices:
+            doc += f" [{' | '.join(choices)}]"
         rows.append((_hyphen(f.name), repr(f.default), doc))
     return rows
+
+
+def _registered() -> dict[str, tuple[str, ...]]:
+    """The names each registry holds (imported here: the zoo imports torch)."""
+    from smallfed.flower.strategies import STRATEGIES
+    from smallfed.models import MODELS
+
+    return {"model": tuple(MODELS), "strategy": tuple(STRATEGIES)}
 
 
 def _hyphen(name: str) -> str:

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from flwr.app import Message, MessageType
+from flwr.serverapp.strategy import Strategy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from smallfed.config import Config
+from smallfed.config import Config, ConfigError
 from smallfed.data import check_data_config
-from smallfed.flower.checkpoint import check_resumable, out_dir_lock
+from smallfed.flower.checkpoint import CHECKPOINT_DIR, check_resumable, out_dir_lock
 from smallfed.flower.checkpoint import load as load_checkpoint
 from smallfed.flower.checkpoint import require as require_checkpoint
 from smallfed.flower.client import build_client_app
@@ -67,24 +69,47 @@ def quiet_flower(enabled: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def simulate(
+def simulate(  # pylint: disable=too-many-arguments
     cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = False,
-    on_round: RoundHook | None = None,
+    on_round: RoundHook | None = None, *, overwrite: bool = False, inner: Strategy | None = None,
 ) -> dict[str, Any]:
     """Check the configuration and data, run the simulation, return results.json's content.
 
-    ``resume`` goes on from the checkpoint in ``out_dir`` (same configuration only).
+    ``resume`` goes on from the checkpoint in ``out_dir`` (same configuration only); a
+    folder that already holds a run is refused unless ``overwrite``. ``inner`` replaces
+    the configured strategy under the server's layers.
     """
     check_privacy_config(cfg, check_data_config(cfg))
     out = Path(out_dir)
     if resume:
         require_checkpoint(out)  # none there: say so before writing anything, even a lock
     with out_dir_lock(out):  # the checkpoint read below is the last one written
-        return _simulate(cfg, out, progress, resume, on_round)
+        if not resume:
+            refuse_finished(out, overwrite)
+        return _simulate(cfg, out, progress, resume, on_round, inner)
+
+
+def refuse_finished(out: Path, overwrite: bool) -> None:
+    """ConfigError if ``out`` holds another run's results, unless they may be replaced.
+
+    Checked while the folder's lock is held, so of two runs started into one folder the
+    second refuses instead of overwriting the first.
+    """
+    found = [name for name in ("results.json", CHECKPOINT_DIR) if (out / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{out} already holds a run ({', '.join(found)}); choose another --out, go on "
+            f"with --resume {out}, or replace it with --overwrite")
+    for name in ("results.json", "rounds.csv", "clients.csv"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def _simulate(
     cfg: Config, out: Path, progress: bool, resume: bool, on_round: RoundHook | None,
+    inner: Strategy | None,
 ) -> dict[str, Any]:
     checkpoint = load_checkpoint(out) if resume else None
     if checkpoint is not None:
@@ -107,10 +132,11 @@ def _simulate(
             )
             if checkpoint is not None:
                 grid.restore_node_states(checkpoint.clients)
-            server_app = build_server_app(cfg, out, round_done, checkpoint, grid.node_states)
+            server_app = build_server_app(cfg, out, round_done, checkpoint, grid.node_states,
+                                          inner)
             server_app(grid, grid.server_context())
         else:
-            server_app = build_server_app(cfg, out, round_done, checkpoint)
+            server_app = build_server_app(cfg, out, round_done, checkpoint, inner=inner)
             run_on_ray(cfg, server_app, client_app)
         bar.progress.update(bar.clients, visible=False)
     results_file = out / "results.json"

@@ -22,7 +22,7 @@ from smallfed.data import check_data_config
         ({"test-fraction": 1.0}, "test-fraction"),
         ({"fraction-evaluate": 1.5}, "fraction-evaluate"),
         ({"partitioner": "random"}, "partitioner: 'random' is not one of"),
-        ({"strategy": "fedsgd"}, "strategy: 'fedsgd' is not one of"),
+        ({"strategy": "fedsgd"}, "strategy: 'fedsgd' is not known; use one of fedavg"),
         ({"backend": "dask"}, "backend"),
         ({"clients-per-round": 30, "num-clients": 20}, "clients-per-round: 30 is more than"),
         ({"dataset": "mnist"}, "data-dir: dataset 'mnist' needs"),

@@ -1,35 +1,133 @@
-"""The strategy wrapper: seeded sampling by partition id; bad replies dropped, round goes on."""
+"""The server's layers: seeded sampling by partition id; bad replies dropped, round goes on.
+
+A test of one layer wraps :class:`Tiny`, a strategy that sends the model to every node
+it is shown and keeps the replies it is given, as Flower's mods are tested with a lambda.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedAvgM, Strategy
 
+from smallfed.codec import parse_codec
+from smallfed.compact.pruning import MASK_RECORD
 from smallfed.config import Config
 from smallfed.flower.client import build_client_app
 from smallfed.flower.inprocess import InProcessGrid
+from smallfed.flower.layers import (
+    ClientReports,
+    DecodeUpdates,
+    Partitions,
+    PartitionSampling,
+    ProjectModel,
+    Quorum,
+    ValidateReplies,
+    build_strategy,
+    restore_stack,
+    stack,
+    stack_state,
+    stack_stats,
+)
+from smallfed.flower.records import payload_record
 from smallfed.flower.server import build_server_app
-from smallfed.flower.strategy import SmallfedStrategy
-from smallfed.flower.strategy import make_inner_strategy
+from smallfed.flower.strategies import NO_SAMPLING, STRATEGIES, make_inner_strategy
+from smallfed.models import build_model
 
 
-def make_strategy(cfg: Config) -> SmallfedStrategy:
-    return SmallfedStrategy(make_inner_strategy(cfg), clients_per_round=cfg.clients_per_round,
-                            fraction_evaluate=0.0, seed=cfg.seed)
+class Tiny(Strategy):
+    """Sends the model to every node shown; aggregation returns the first reply's arrays."""
+
+    def __init__(self) -> None:
+        self.seen: list[Message] = []
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=n,
+                        message_type="train") for n in grid.get_node_ids()]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.seen = list(replies)
+        first = self.seen[0].content["arrays"] if self.seen else None
+        return first, MetricRecord({"replies": len(self.seen)})
+
+    def configure_evaluate(self, *args: object) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, *args: object) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        pass
+
+
+class Nodes(Grid):
+    """A Grid of fixed node ids that only lists them (the layers under test send nothing)."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.ids)
+
+    def set_run(self, run_id: int) -> None: ...
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return None
+    def create_message(self, *args: object, **kwargs: object) -> Message: ...
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]: ...
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]: ...
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]: ...
+
+
+MODEL = {"w": np.zeros((2, 3), np.float32)}
+
+
+def answer(ask: Message, content: RecordDict | None = None, error: Error | None = None
+           ) -> Message:
+    return Message(error, reply_to=ask) if error else Message(content, reply_to=ask)
+
+
+def update(arrays: dict[str, np.ndarray], num_examples: object = 10) -> RecordDict:
+    return RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"num-examples": num_examples}),
+    })
+
+
+def sent(layer: Strategy, nodes: int | list[int] = 1) -> list[Message]:
+    """The train messages a layer stack sends for MODEL to nodes 1..``nodes`` (or those ids)."""
+    arrays = ArrayRecord({k: Array(v) for k, v in MODEL.items()})
+    ids = list(range(1, nodes + 1)) if isinstance(nodes, int) else nodes
+    return list(layer.configure_train(1, arrays, ConfigRecord(), Nodes(ids)))
 
 
 def sampled_partitions(cfg: Config, rounds: int) -> list[list[int]]:
     grid = InProcessGrid(build_client_app(cfg), cfg.num_clients, cfg.to_dict())
-    strategy = make_strategy(cfg)
+    partitions = Partitions(cfg.clients_per_round)
+    sampling = PartitionSampling(Tiny(), partitions, clients_per_round=cfg.clients_per_round,
+                                 fraction_evaluate=0.0, seed=cfg.seed)
     picks = []
     for r in range(1, rounds + 1):
-        nodes = strategy.sample(grid, r, cfg.clients_per_round, purpose=0)
-        picks.append(sorted(strategy.partition_of[n] for n in nodes))
+        nodes = sampling.sample(grid, r, cfg.clients_per_round, purpose=0)
+        picks.append(sorted(partitions.of[n] for n in nodes))
     return picks
 
 
@@ -42,30 +140,105 @@ def test_sampling_follows_the_seed_not_the_node_ids() -> None:
     assert sampled_partitions(cfg.replace(seed=4), 4) != first
 
 
-def reply(arrays: dict[str, np.ndarray], num_examples: float = 10) -> RecordDict:
-    return RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-examples": num_examples}),
-    })
-
-
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
-        (reply({"w": np.full((2, 3), np.nan, np.float32)}), "NaN or infinite"),
-        (reply({"w": np.zeros((3, 2), np.float32)}), "expected float32[2, 3]"),
-        (reply({"w": np.zeros((2, 3), np.float64)}), "expected float32"),
-        (reply({"v": np.zeros((2, 3), np.float32)}), "array keys differ"),
-        (reply({"w": np.zeros((2, 3), np.float32)}, num_examples=0), "must be a positive finite"),
-        (reply({"w": np.zeros((2, 3), np.float32)}, num_examples=float("inf")), "positive finite"),
+        (update({"w": np.full((2, 3), np.nan, np.float32)}), "NaN or infinite"),
+        (update({"w": np.zeros((3, 2), np.float32)}), "expected float32[2, 3]"),
+        (update({"w": np.zeros((2, 3), np.float64)}), "expected float32"),
+        (update({"v": np.zeros((2, 3), np.float32)}), "array keys differ"),
+        (update({"w": np.zeros((2, 3), np.float32)}, num_examples=0), "must be a positive finite"),
+        (update({"w": np.zeros((2, 3), np.float32)}, num_examples=float("inf")), "positive finite"),
         (RecordDict({"metrics": MetricRecord({"num-examples": 3})}), "expected one ArrayRecord"),
     ],
 )
-def test_malformed_replies_are_named(content: RecordDict, reason: str) -> None:
-    strategy = make_strategy(Config())
-    strategy._expected = {"w": ((2, 3), "float32")}
-    assert reason in strategy.check_reply(content)
-    assert strategy.check_reply(reply({"w": np.ones((2, 3), np.float32)})) is None
+def test_malformed_replies_are_named(content: RecordDict, reason: str,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    inner = Tiny()
+    layers = ValidateReplies(DecodeUpdates(inner, seed=0))
+    ask = sent(layers)[0]
+    good = answer(ask, update({"w": np.ones((2, 3), np.float32)}))
+    layers.aggregate_train(1, [answer(ask, content), good])
+    assert inner.seen == [good]
+    assert stack_stats(layers)["rejected"] == 1
+    assert reason in caplog.text
+
+
+def test_a_layer_sees_only_its_concern() -> None:
+    """ClientReports keeps declines from the layers below and notes reported epsilons."""
+    inner = Tiny()
+    reports = ClientReports(inner)
+    ask = sent(reports, nodes=2)
+    declined = answer(ask[0], RecordDict({
+        "metrics": MetricRecord({"num-examples": 0, "declined": 1, "epsilon": 2.5}),
+        "status": ConfigRecord({"reason": "budget spent"})}))
+    trained = answer(ask[1], update({"w": np.ones((2, 3), np.float32)}))
+    trained.content["metrics"]["epsilon"] = 1.5
+    reports.aggregate_train(1, [declined, trained])
+    assert inner.seen == [trained]
+    assert reports.round_stats() == {"declined": 1}
+    assert reports.epsilon() == (2.5, 2.0)
+    fresh = ClientReports(Tiny())
+    fresh.restore(reports.state())
+    assert fresh.epsilon() == (2.5, 2.0)
+
+
+def test_quorum_fails_a_round_with_too_few_updates() -> None:
+    inner = Tiny()
+    quorum = Quorum(inner, min_replies=2)
+    ask = sent(quorum, nodes=2)[0]
+    assert quorum.aggregate_train(1, [answer(ask, update(MODEL))]) == (None, None)
+    assert inner.seen == [] and quorum.round_stats() == {"aggregated": 0}
+
+
+def test_decoding_turns_payloads_into_models() -> None:
+    """A reply's payload becomes global + delta for the layer below; the broadcast is encoded."""
+    inner = Tiny()
+    decode = DecodeUpdates(inner, seed=0, codec_up=parse_codec("fp16"),
+                           codec_down=parse_codec("fp16"))
+    ask = sent(decode)[0]
+    assert list(ask.content["arrays"]) == ["payload"]  # encoded on the way down
+    payload = parse_codec("fp16").encode({"w": np.full((2, 3), 0.5, np.float32)}, seed=0)[0]
+    reply = answer(ask, RecordDict({"arrays": payload_record(payload),
+                                    "metrics": MetricRecord({"num-examples": 3})}))
+    arrays, _ = decode.aggregate_train(1, [reply])
+    assert np.allclose(arrays["w"].numpy(), 0.5)
+
+
+def test_projection_masks_the_aggregate_and_fedavgm_steps_from_it() -> None:
+    """ProjectModel prunes what it sends and what comes back, and tells FedAvgM."""
+    cfg = Config(prune="unstructured", prune_sparsity=0.5, num_server_rounds=2,
+                 prune_end_round=1)
+    model = build_model("mlp", (1, 8, 8), 10, 0)
+    inner = FedAvgM(**NO_SAMPLING, server_momentum=0.5)
+    layers = build_strategy(cfg, model, input_shape=(1, 8, 8), inner=inner)
+    project = next(s for s in stack(layers) if isinstance(s, ProjectModel))
+    grid = InProcessGrid(build_client_app(cfg), cfg.num_clients, cfg.to_dict())
+    arrays = ArrayRecord(model.state_dict())
+    messages = list(layers.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), grid))
+    assert all(MASK_RECORD in m.content.array_records for m in messages)
+    result, _ = layers.aggregate_train(1, grid.send_and_receive(messages))
+    zeros = {k: float((v.numpy() == 0).mean()) for k, v in result.items() if k.endswith("weight")}
+    assert min(zeros.values()) > 0.3  # pruned weights stayed zero after the step
+    assert inner.current_arrays is result  # FedAvgM steps from the projected model
+    assert project.round_stats() == {}
+
+
+def test_every_registered_strategy_builds_and_checkpoints() -> None:
+    """Each of Flower's strategies is a registry entry; its state round-trips without
+    smallfed naming its fields."""
+    for name in STRATEGIES:
+        cfg = Config(strategy=name, clients_per_round=10)
+        strategy = make_inner_strategy(cfg)
+        assert isinstance(strategy, Strategy), name
+    layers = build_strategy(Config(strategy="fedavgm", server_momentum=0.9),
+                            build_model("mlp", (1, 8, 8), 10, 0), input_shape=(1, 8, 8))
+    inner = list(stack(layers))[-1]
+    inner.momentum_vector = [np.ones(3, np.float32)]
+    fresh = build_strategy(Config(strategy="fedavgm", server_momentum=0.9),
+                           build_model("mlp", (1, 8, 8), 10, 0), input_shape=(1, 8, 8))
+    restore_stack(fresh, stack_state(layers))
+    assert np.array_equal(list(stack(fresh))[-1].momentum_vector[0], np.ones(3))
 
 
 def saboteur_app(cfg: Config) -> ClientApp:
@@ -116,59 +289,45 @@ def test_a_round_with_too_few_updates_fails_and_the_run_goes_on(
 def test_odd_replies_never_stop_a_round() -> None:
     """Error replies without a reason, arrays of the wrong record type, extra or list
     metrics: each is dropped or trimmed, and FedAvg still aggregates the rest."""
-    from flwr.app import ConfigRecord, Error
-
+    inner = FedAvg(**NO_SAMPLING)
+    layers = ValidateReplies(DecodeUpdates(Quorum(inner), seed=0, codec_up=parse_codec("fp16")))
     cfg = Config(num_clients=4, clients_per_round=4)
-    grid = InProcessGrid(build_client_app(cfg), 4, cfg.to_dict())  # sets the task identity
-    strategy = make_strategy(cfg.replace(codec="topk:0.5"))
-    strategy.codec_up = __import__("smallfed.codec", fromlist=["parse_codec"]).parse_codec("fp16")
-    strategy._expected = {"w": ((2, 3), "float32")}
-    strategy._global = {"w": np.zeros((2, 3), np.float32)}
+    grid = InProcessGrid(build_client_app(cfg), 4, cfg.to_dict())
     node = next(iter(grid.get_node_ids()))
-
-    def answer(content=None, error=None):  # type: ignore[no-untyped-def]
-        ask = Message(RecordDict(), dst_node_id=node, message_type="train")
-        return Message(error, reply_to=ask) if error else Message(content, reply_to=ask)
-
-    from smallfed.codec import parse_codec
+    ask = sent(layers, nodes=[node])[0]
     payload = parse_codec("fp16").encode({"w": np.ones((2, 3), np.float32)}, seed=0)[0]
-    from smallfed.flower.records import payload_record
 
     def good(extra: dict) -> Message:
-        return answer(RecordDict({"arrays": payload_record(payload),
-                                  "metrics": MetricRecord({"num-examples": 5, **extra})}))
+        return answer(ask, RecordDict({"arrays": payload_record(payload),
+                                       "metrics": MetricRecord({"num-examples": 5, **extra})}))
 
     replies = [
-        answer(error=Error(code=0, reason="")),
-        answer(RecordDict({"arrays": MetricRecord({"x": 1.0}),
-                           "metrics": MetricRecord({"num-examples": 5})})),
-        answer(RecordDict({"arrays": payload_record(payload),
-                           "metrics": MetricRecord({"num-examples": [1.0, 2.0]})})),
+        answer(ask, error=Error(code=0, reason="")),
+        answer(ask, RecordDict({"arrays": MetricRecord({"x": 1.0}),
+                                "metrics": MetricRecord({"num-examples": 5})})),
+        answer(ask, RecordDict({"arrays": payload_record(payload),
+                                "metrics": MetricRecord({"num-examples": [1.0, 2.0]})})),
         good({"loss": 0.5}),
         good({"loss": 0.7, "extra": [1.0, 2.0, 3.0]}),
-        answer(RecordDict({"status": ConfigRecord({"x": "y"})})),
+        answer(ask, RecordDict({"status": ConfigRecord({"x": "y"})})),
     ]
-    strategy.last_round = strategy.last_round.__class__(sampled=6)
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    arrays, metrics = layers.aggregate_train(1, replies)
     assert arrays is not None and np.allclose(arrays["w"].numpy(), 1.0, atol=1e-3)
     assert set(metrics) == {"loss"}
-    assert (strategy.last_round.failed, strategy.last_round.rejected,
-            strategy.last_round.aggregated) == (1, 3, 2)
+    counts = stack_stats(layers)
+    assert (counts["failed"], counts["rejected"], counts["aggregated"]) == (1, 3, 2)
 
 
 def test_a_node_that_leaves_does_not_stall_the_next_round() -> None:
     """The first round waits for clients-per-round nodes; later ones go on with who is there."""
     cfg = Config(num_clients=3, clients_per_round=3)
     grid = InProcessGrid(build_client_app(cfg), 3, run_config=cfg.to_dict())
-    strategy = SmallfedStrategy(make_inner_strategy(cfg), clients_per_round=3,
-                                fraction_evaluate=0.0, seed=1, wait_for_nodes_s=2.0)
-    assert len(strategy.sample(grid, 1, 3, purpose=0)) == 3
-    gone = next(iter(grid._contexts))
-    context = grid._contexts.pop(gone)  # the device died
-    assert len(strategy.sample(grid, 2, 3, purpose=0)) == 2
-    grid._contexts[gone] = context  # and came back: it joins the next round
-    assert gone in strategy.sample(grid, 3, 3, purpose=0)
-    fresh = SmallfedStrategy(make_inner_strategy(cfg), clients_per_round=4,
-                             fraction_evaluate=0.0, seed=1, wait_for_nodes_s=1.0)
+    partitions = Partitions(3, wait_for_nodes_s=2.0)
+    assert len(partitions.discover(grid)) == 3
+    gone = next(iter(grid.get_node_ids()))
+    grid.disconnect(gone)  # the device died
+    assert len(partitions.discover(grid)) == 2
+    grid.reconnect(gone)  # and came back: it joins the next round
+    assert gone in partitions.discover(grid)
     with pytest.raises(RuntimeError, match="only 3 nodes connected after 1 s"):
-        fresh.sample(grid, 1, 4, purpose=0)
+        Partitions(4, wait_for_nodes_s=1.0).discover(grid)

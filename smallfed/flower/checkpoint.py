@@ -3,11 +3,12 @@
 ``<run folder>/checkpoint/`` holds
 
 * ``state.json``: the last finished round, the configuration, the recorded rounds and
-  the server's own state (the epsilons clients reported, the user-level DP
-  accountant's history and clip);
-* ``arrays.npz``: the global model (``global/<name>``) and the arrays the inner Flower
-  strategy carries between rounds (``strategy/<attribute>/<key>``: FedAvgM's momentum,
-  FedAdam's moments), as exact copies;
+  the state of every server layer (:func:`smallfed.flower.layers.stack_state`: the
+  epsilons clients reported, the user-level DP accountant's history and clip, the
+  inner strategy's momentum or moments), with each array of it replaced by a
+  reference into ``arrays.npz``;
+* ``arrays.npz``: the global model (``global/<name>``) and the layers' arrays
+  (``server/<n>``), as exact copies;
 * ``clients.npz``: each simulated node's ``Context.state`` (error-feedback residuals,
   the DP-SGD accountant's history), one Flower-serialized RecordDict per partition id.
 
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as RecordDictProto
 from flwr.supercore import log
@@ -40,12 +41,10 @@ from google.protobuf.message import DecodeError
 
 from smallfed.codec import parse_codec
 from smallfed.config import Config, ConfigError
-from smallfed.flower.records import arrays_record
 
 CHECKPOINT_DIR = "checkpoint"
-FORMAT_VERSION = 1
-# What Flower's strategies keep between rounds (FedAvgM, FedAdam/FedYogi/FedAdagrad).
-STRATEGY_ATTRIBUTES = ("current_arrays", "momentum_vector", "m_t", "v_t")
+FORMAT_VERSION = 2
+ARRAY_REF = "__array__"  # {"__array__": "server/3"}: an array of the layers' state
 
 Arrays = dict[str, np.ndarray]
 
@@ -57,34 +56,32 @@ class Checkpoint:
     round: int
     config: dict[str, Any]
     global_arrays: Arrays
-    server: dict[str, Any] = field(default_factory=dict)  # JSON: recorder, epsilons, DP
-    strategy: dict[str, Any] = field(default_factory=dict)  # inner strategy attributes
+    server: dict[str, Any] = field(default_factory=dict)  # recorder, layers (JSON + arrays)
     clients: dict[int, RecordDict] = field(default_factory=dict)  # partition -> state
 
 
-def strategy_state(inner: object) -> dict[str, Any]:
-    """The arrays a Flower strategy keeps between rounds, as plain numpy."""
-    state: dict[str, Any] = {}
-    for name in STRATEGY_ATTRIBUTES:
-        value = getattr(inner, name, None)
-        if isinstance(value, ArrayRecord):
-            state[name] = ("record", {k: a.numpy() for k, a in value.items()})
-        elif isinstance(value, list):
-            state[name] = ("list", {str(i): np.asarray(v) for i, v in enumerate(value)})
-        elif isinstance(value, dict):
-            state[name] = ("dict", {k: np.asarray(v) for k, v in value.items()})
-    return state
+def split_arrays(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """``value`` with every numpy array moved into ``arrays`` and replaced by a reference."""
+    if isinstance(value, np.ndarray):
+        key = f"server/{len(arrays)}"
+        arrays[key] = value
+        return {ARRAY_REF: key}
+    if isinstance(value, dict):
+        return {k: split_arrays(v, arrays) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [split_arrays(v, arrays) for v in value]
+    return value
 
 
-def restore_strategy(inner: object, state: dict[str, Any]) -> None:
-    """Put back what :func:`strategy_state` took."""
-    for name, (kind, arrays) in state.items():
-        if kind == "record":
-            setattr(inner, name, arrays_record(arrays))
-        elif kind == "list":
-            setattr(inner, name, [arrays[str(i)] for i in range(len(arrays))])
-        else:
-            setattr(inner, name, dict(arrays))
+def join_arrays(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """Undo :func:`split_arrays`."""
+    if isinstance(value, dict):
+        if set(value) == {ARRAY_REF}:
+            return arrays[value[ARRAY_REF]]
+        return {k: join_arrays(v, arrays) for k, v in value.items()}
+    if isinstance(value, list):
+        return [join_arrays(v, arrays) for v in value]
+    return value
 
 
 def save(out_dir: str | Path, ckpt: Checkpoint) -> Path:
@@ -93,16 +90,14 @@ def save(out_dir: str | Path, ckpt: Checkpoint) -> Path:
     tmp = final.with_name(CHECKPOINT_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    kinds = {name: kind for name, (kind, _) in ckpt.strategy.items()}
     arrays = {f"global/{k}": v for k, v in ckpt.global_arrays.items()}
-    for name, (_, values) in ckpt.strategy.items():
-        arrays.update({f"strategy/{name}/{k}": v for k, v in values.items()})
+    server = split_arrays(ckpt.server, arrays)
     np.savez(tmp / "arrays.npz", **arrays)
     np.savez(tmp / "clients.npz", **{
         str(pid): np.frombuffer(recorddict_to_proto(state).SerializeToString(), dtype=np.uint8)
         for pid, state in ckpt.clients.items()})
     state = {"format": FORMAT_VERSION, "round": ckpt.round, "config": ckpt.config,
-             "strategy_kinds": kinds, "server": ckpt.server}
+             "server": server}
     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
     old = final.with_name(CHECKPOINT_DIR + ".old")
     shutil.rmtree(old, ignore_errors=True)  # left by a stop during the last cleanup
@@ -142,14 +137,10 @@ def _read(folder: Path) -> Checkpoint:
     state = json.loads((folder / "state.json").read_text())
     if state.get("format") != FORMAT_VERSION:
         raise ConfigError(f"{folder}: checkpoint format {state.get('format')!r}, this smallfed "
-                          f"reads format {FORMAT_VERSION}")
+                          f"reads format {FORMAT_VERSION}; finish that run with the smallfed "
+                          "version that started it, or start it again")
     with np.load(folder / "arrays.npz") as npz:
         arrays = {k: npz[k] for k in npz.files}
-    strategy: dict[str, Any] = {}
-    for name, kind in state["strategy_kinds"].items():
-        prefix = f"strategy/{name}/"
-        strategy[name] = (kind, {k[len(prefix):]: v for k, v in arrays.items()
-                                 if k.startswith(prefix)})
     clients = {}
     with np.load(folder / "clients.npz") as npz:
         for pid in npz.files:
@@ -159,7 +150,7 @@ def _read(folder: Path) -> Checkpoint:
     return Checkpoint(
         round=int(state["round"]), config=state["config"],
         global_arrays={k[len("global/"):]: v for k, v in arrays.items() if k.startswith("global/")},
-        server=state["server"], strategy=strategy, clients=clients,
+        server=join_arrays(state["server"], arrays), clients=clients,
     )
 
 

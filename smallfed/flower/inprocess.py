@@ -61,6 +61,7 @@ class InProcessGrid(Grid):
                 run_config=dict(run_config or {}),
             )
         self._replies: dict[str, Message] = {}
+        self._gone: set[int] = set()  # nodes disconnected by a test of faults
         # Messages take their run and source from the process's task identity, which
         # Flower's engines set for the ServerApp; this Grid is that engine here.
         TaskIdentity.run_id = self._run.run_id
@@ -96,7 +97,14 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self._contexts)
+        return [n for n in self._contexts if n not in self._gone]
+
+    def disconnect(self, node_id: int) -> None:
+        """The node leaves, as a SuperNode that died (its state is kept for its return)."""
+        self._gone.add(node_id)
+
+    def reconnect(self, node_id: int) -> None:
+        self._gone.discard(node_id)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []

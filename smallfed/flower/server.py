@@ -8,7 +8,7 @@ metered Grid, and its row recorded.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
@@ -18,20 +18,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from smallfed.codec import parse_codec
-from smallfed.compact.pruning import ServerPruning
-from smallfed.compact.sharing import ServerSharing
+from flwr.serverapp.strategy import Strategy
+
 from smallfed.config import Config
-from smallfed.devices import RoundClock, training_flops_per_sample
 from smallfed.data import FederatedData, federated_data
-from smallfed.flower.checkpoint import (
-    CHECKPOINT_DIR,
-    Checkpoint,
-    check_resumable,
-    out_dir_lock,
-    restore_strategy,
-    strategy_state,
-)
+from smallfed.flower.checkpoint import CHECKPOINT_DIR, Checkpoint, check_resumable, out_dir_lock
 from smallfed.flower.checkpoint import load as load_checkpoint
 from smallfed.flower.checkpoint import save as save_checkpoint
 from smallfed.flower.grids import MeteredGrid
@@ -42,10 +33,17 @@ from smallfed.flower.records import (
     record_arrays,
     record_bytes,
 )
-from smallfed.flower.strategy import RoundStats, SmallfedStrategy, make_inner_strategy
+from smallfed.flower.layers import (
+    DeviceClock,
+    build_strategy,
+    find,
+    restore_stack,
+    stack_epsilon,
+    stack_state,
+    stack_stats,
+)
 from smallfed.models import build_model, model_report
 from smallfed.privacy import check_privacy_config
-from smallfed.privacy.user_dp import UserLevelDP
 from smallfed.report.results import RoundRecord, RunRecorder
 from smallfed.training import evaluate
 
@@ -69,11 +67,13 @@ def run_server(  # pylint: disable=too-many-arguments
     on_round: RoundHook | None = None,
     resume: Checkpoint | None = None,
     node_states: NodeStates | None = None,
+    inner: Strategy | None = None,
 ) -> Path:
     """Run the federation to the end and write its results; return the results folder.
 
     A checkpoint is written after every round (``node_states`` adds the clients' own
-    state where the engine can reach it); ``resume`` goes on from one.
+    state where the engine can reach it); ``resume`` goes on from one. ``inner`` is the
+    strategy the layers wrap (default: the registered ``cfg.strategy``).
     """
     cfg = cfg if cfg is not None else Config.from_mapping(context.run_config)
     out = Path(out_dir or cfg.out_dir or default_out_dir(context))
@@ -88,32 +88,46 @@ def run_server(  # pylint: disable=too-many-arguments
             else:
                 log(INFO, "smallfed: resume = true, but %s has no checkpoint; starting afresh",
                     out)
-        return _run(grid, cfg, data, out, on_round, resume, node_states)
+        return _run(grid, cfg, data, out, on_round, resume, node_states, inner)
+
+
+@dataclass
+class RoundStats:
+    """What happened to the train replies of a round, summed over the server's layers."""
+
+    sampled: int = 0
+    aggregated: int = 0
+    failed: int = 0
+    rejected: int = 0
+    declined: int = 0
+    offline: int = 0  # device simulation: sampled but not online
+    dropped: int = 0  # device simulation: replies past the round's deadline
+    finished: int = 0
+    sim_time_s: float | None = None
+
+
+def round_stats(strategy: Strategy) -> RoundStats:
+    counts = stack_stats(strategy)
+    stats = RoundStats(**{k: int(v) for k, v in counts.items() if k != "sim_time_s"})
+    stats.sim_time_s = counts.get("sim_time_s")
+    return stats
 
 
 def _run(  # pylint: disable=too-many-arguments,too-many-locals
     grid: Grid, cfg: Config, data: FederatedData, out: Path, on_round: RoundHook | None,
-    resume: Checkpoint | None, node_states: NodeStates | None,
+    resume: Checkpoint | None, node_states: NodeStates | None, inner: Strategy | None,
 ) -> Path:
     """run_server's work, while it holds ``out``'s lock; ``resume`` is checked already."""
     dataset = data.dataset
     model = build_model(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed)
     report = model_report(model)
     dense = record_bytes(model_to_record(model))
+    done = resume.round if resume is not None else 0
     if resume is not None:
         model.load_state_dict({k: torch.from_numpy(v) for k, v in resume.global_arrays.items()})
     initial = model_to_record(model)
-    strategy = SmallfedStrategy(
-        make_inner_strategy(cfg), clients_per_round=cfg.clients_per_round,
-        fraction_evaluate=cfg.fraction_evaluate, seed=cfg.seed,
-        codec_up=parse_codec(cfg.codec), codec_down=parse_codec(cfg.codec_down),
-        min_replies=cfg.min_replies,
-        user_dp=UserLevelDP(cfg) if cfg.privacy == "user" else None,
-        pruning=ServerPruning(cfg, model) if cfg.prune != "none" else None,
-        sharing=ServerSharing(cfg, model) if cfg.share_weights else None,
-        clock=RoundClock(cfg, training_flops_per_sample(model, dataset.input_shape))
-        if cfg.devices else None,
-    )
+    strategy = build_strategy(cfg, model, input_shape=dataset.input_shape, inner=inner, done=done)
+    clock = find(strategy, DeviceClock)
     metered = MeteredGrid(grid)
     recorder = RunRecorder(
         config=cfg.to_dict(), model_params=report.params, model_fp32_bytes=report.fp32_bytes,
@@ -121,11 +135,8 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
         delta=cfg.dp_delta if cfg.privacy != "none" else None,
         target_accuracy=cfg.target_accuracy,
     )
-    done = 0
     if resume is not None:
-        done = strategy.round_offset = resume.round
-        restore_strategy(strategy.inner, resume.strategy)
-        strategy.restore(resume.server["strategy"])
+        restore_stack(strategy, resume.server["layers"])
         recorder.restore(resume.server["recorder"], out)
         log(INFO, "smallfed: resuming %s after round %d of %d", out, done, cfg.num_server_rounds)
 
@@ -133,29 +144,28 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
         server_round += done
         load_record(model, arrays)
         loss, accuracy = evaluate(model, dataset.test_x, dataset.test_y)
-        if server_round == done and done > 0:  # the resumed model, recorded before the stop
+        if resume is not None and server_round == done:  # recorded before the stop
             metered.take()
             return MetricRecord({"accuracy": accuracy, "loss": loss})
         traffic = metered.take()
-        stats = strategy.last_round if server_round > 0 else RoundStats()
-        spent = strategy.epsilon() or ((0.0, 0.0) if cfg.privacy != "none" else (None, None))
+        stats = round_stats(strategy) if server_round > 0 else RoundStats()
+        spent = stack_epsilon(strategy) or (
+            (0.0, 0.0) if cfg.privacy != "none" else (None, None))
         record = recorder.add(
             round=server_round, accuracy=accuracy, loss=loss, bytes_up=traffic.bytes_up,
             bytes_down=traffic.bytes_down, clients=stats.aggregated,
             clients_failed=stats.failed, updates_rejected=stats.rejected,
             clients_declined=stats.declined, epsilon=spent[0], epsilon_mean=spent[1],
-            sampled=stats.sampled, sim_time_s=stats.sim_time_s if strategy.clock else None,
+            sampled=stats.sampled, sim_time_s=stats.sim_time_s if clock else None,
             clients_finished=stats.finished, clients_dropped=stats.dropped,
             clients_offline=stats.offline,
         )
-        if strategy.clock is not None:
-            rows = sorted(strategy.clock.rows, key=lambda row: (row.round, row.partition))
-            recorder.add_clients(out, [asdict(row) for row in rows])  # same order every run
-            strategy.clock.rows.clear()
+        if clock is not None:
+            recorder.add_clients(out, [asdict(row) for row in clock.take_rows()])
+        recorder.write(out)  # the finished rounds are on disk if the run is stopped
         save_checkpoint(out, Checkpoint(
             round=server_round, config=cfg.to_dict(), global_arrays=record_arrays(arrays),
-            server={"strategy": strategy.state(), "recorder": recorder.state()},
-            strategy=strategy_state(strategy.inner),
+            server={"layers": stack_state(strategy), "recorder": recorder.state()},
             clients=node_states() if node_states is not None else {},
         ))
         if on_round is not None:
@@ -179,13 +189,14 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
 def build_server_app(
     cfg: Config | None = None, out_dir: str | Path | None = None,
     on_round: RoundHook | None = None, resume: Checkpoint | None = None,
-    node_states: NodeStates | None = None,
+    node_states: NodeStates | None = None, inner: Strategy | None = None,
 ) -> ServerApp:
-    """The ServerApp. With ``cfg`` None it reads the configuration from Flower's run_config."""
+    """The ServerApp. With ``cfg`` None it reads the configuration from Flower's run_config;
+    ``inner`` replaces the configured strategy under the server's layers."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, context, cfg, out_dir, on_round, resume, node_states)
+        run_server(grid, context, cfg, out_dir, on_round, resume, node_states, inner)
 
     return app

@@ -1,0 +1,28 @@
+"""The server as layers: single-concern strategy wrappers around one Flower strategy.
+
+:func:`build_strategy` stacks them in the order stated there; each layer's module says
+what it does and why.
+"""
+
+from smallfed.flower.layers.base import (
+    Layer,
+    adopt,
+    find,
+    restore_stack,
+    stack,
+    stack_epsilon,
+    stack_state,
+    stack_stats,
+)
+from smallfed.flower.layers.build import build_strategy
+from smallfed.flower.layers.clock import DeviceClock
+from smallfed.flower.layers.decode import DecodeUpdates
+from smallfed.flower.layers.project import ProjectModel
+from smallfed.flower.layers.sampling import Partitions, PartitionSampling, RoundOffset
+from smallfed.flower.layers.validate import ClientReports, Quorum, ValidateReplies
+
+__all__ = [
+    "ClientReports", "DecodeUpdates", "DeviceClock", "Layer", "PartitionSampling", "Partitions",
+    "ProjectModel", "Quorum", "RoundOffset", "ValidateReplies", "adopt", "build_strategy",
+    "find", "restore_stack", "stack", "stack_epsilon", "stack_state", "stack_stats",
+]

@@ -1,0 +1,203 @@
+"""Replies checked one by one: a bad reply is logged and dropped, and the round goes on.
+
+Flower's FedAvg raises on the first inconsistent reply and stops the run. Here:
+
+* :class:`ClientReports` reads what clients report about themselves: the epsilon
+  their DP-SGD accountant has spent, and replies that decline to train (privacy
+  budget spent, too little memory), which are counted and go no further;
+* :class:`ValidateReplies` counts failed replies (errors) and rejects replies whose
+  records are not the one ArrayRecord and one MetricRecord of an update, or whose
+  ``num-examples`` is not a positive finite number;
+* :class:`Quorum`, just above the aggregating strategy, refuses a round with fewer than
+  ``min-replies`` usable updates (the global model stays as it was) and trims the
+  replies' metrics to the finite numbers every reply has.
+
+What an update's arrays must hold depends on its codec: the decoding layer checks them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from logging import ERROR, INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from smallfed.flower.layers.base import Layer
+from smallfed.flower.layers.sampling import Partitions
+from smallfed.flower.records import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+
+
+def positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and 0 < value < math.inf
+
+
+def reject(server_round: int, reply: Message, problem: str) -> None:
+    """Log why a reply's update is not used, naming its node."""
+    log(WARNING, "Round %d: rejected the update of node %d: %s", server_round,
+        reply.metadata.src_node_id, problem)
+
+
+def keep_common_metrics(replies: list[Message]) -> None:
+    """Reduce each reply's metrics to the finite numbers every reply has.
+
+    Flower's FedAvg raises (and stops the run) when replies carry different metric
+    keys or lists of different lengths; one odd client must not do that.
+    """
+    records = [r.content[METRICS_KEY] for r in replies]
+    common = set.intersection(*(set(m) for m in records)) if records else set()
+    for reply, metrics in zip(replies, records):
+        reply.content[METRICS_KEY] = MetricRecord({
+            k: v for k, v in metrics.items()
+            if k in common and isinstance(v, (int, float)) and math.isfinite(v)})
+
+
+class ClientReports(Layer):
+    """Notes each client's reported epsilon; replies that decline to train stop here."""
+
+    def __init__(self, strategy: Strategy, partitions: Partitions | None = None) -> None:
+        super().__init__(strategy)
+        self.partitions = partitions
+        self.epsilons: dict[int, float] = {}  # partition id -> the epsilon it last reported
+        self.declined = 0
+
+    def describe(self) -> str:
+        return "clients' reported epsilons and declines"
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.declined = 0
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(
+            server_round, [r for r in replies if not self._declined(server_round, r)])
+
+    def _declined(self, server_round: int, reply: Message) -> bool:
+        if reply.has_error() or METRICS_KEY not in reply.content.metric_records:
+            return False
+        metrics = reply.content.metric_records[METRICS_KEY]
+        node = reply.metadata.src_node_id
+        if isinstance(metrics.get("epsilon"), (int, float)):
+            place = self.partitions.of.get(node, node) if self.partitions else node
+            self.epsilons[place] = float(metrics["epsilon"])
+        if not metrics.get("declined"):
+            return False
+        self.declined += 1
+        status = reply.content.config_records.get("status", {})
+        log(INFO, "Round %d: node %d declined: %s", server_round, node,
+            status.get("reason", "no reason given"))
+        return True
+
+    def round_stats(self) -> dict[str, float]:
+        return {"declined": self.declined}
+
+    def epsilon(self) -> tuple[float, float] | None:
+        """(largest, mean) over every client that has reported one, or None."""
+        if not self.epsilons:
+            return None
+        values = list(self.epsilons.values())
+        return max(values), math.fsum(values) / len(values)  # fsum: order-independent
+
+    def state(self) -> dict:
+        return {"epsilons": {str(k): v for k, v in self.epsilons.items()}}
+
+    def restore(self, state: dict) -> None:
+        self.epsilons = {int(k): float(v) for k, v in state["epsilons"].items()}
+
+
+class ValidateReplies(Layer):
+    """Drops failed replies and updates that are not one ArrayRecord, one MetricRecord."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        super().__init__(strategy)
+        self.failed = self.rejected = 0
+
+    def describe(self) -> str:
+        return "failed and malformed replies dropped, the round goes on"
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.failed = self.rejected = 0
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        good = []
+        for reply in replies:
+            if reply.has_error():
+                self.failed += 1
+                reason = (reply.error.reason or "no reason given").strip().splitlines()
+                log(WARNING, "Round %d: node %d failed: %s", server_round,
+                    reply.metadata.src_node_id, reason[0] if reason else "no reason given")
+            elif problem := check_envelope(reply):
+                self.rejected += 1
+                reject(server_round, reply, problem)
+            else:
+                good.append(reply)
+        return self.strategy.aggregate_train(server_round, good)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        good = [r for r in replies if not r.has_error() and positive_number(
+            r.content.metric_records.get(METRICS_KEY, {}).get(NUM_EXAMPLES_KEY))]
+        keep_common_metrics(good)
+        return self.strategy.aggregate_evaluate(server_round, good) if good else None
+
+    def round_stats(self) -> dict[str, float]:
+        return {"failed": self.failed, "rejected": self.rejected}
+
+
+def check_envelope(reply: Message) -> str | None:
+    """Why a train reply is not an update's records, or None if it is."""
+    content = reply.content
+    if set(content.array_records) != {ARRAYS_KEY} or set(content.metric_records) != {
+            METRICS_KEY}:
+        return (f"expected one ArrayRecord '{ARRAYS_KEY}' and one MetricRecord "
+                f"'{METRICS_KEY}', got {list(content.keys())}")
+    weight = content[METRICS_KEY].get(NUM_EXAMPLES_KEY)
+    if not positive_number(weight):
+        return f"'{NUM_EXAMPLES_KEY}' must be a positive finite number, got {weight!r}"
+    return None
+
+
+class Quorum(Layer):
+    """Aggregates only with at least min-replies usable updates, trimmed to common metrics."""
+
+    def __init__(self, strategy: Strategy, min_replies: int = 1) -> None:
+        super().__init__(strategy)
+        self.min_replies = min_replies
+        self.aggregated = 0
+
+    def describe(self) -> str:
+        return f"a round needs {self.min_replies} usable updates"
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.aggregated = 0
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        if len(replies) < self.min_replies:
+            log(ERROR, "Round %d failed: %d usable updates, min-replies is %d; the global "
+                "model stays as it was", server_round, len(replies), self.min_replies)
+            return None, None
+        keep_common_metrics(replies)
+        self.aggregated = len(replies)
+        return self.strategy.aggregate_train(server_round, replies)
+
+    def round_stats(self) -> dict[str, float]:
+        return {"aggregated": self.aggregated}
