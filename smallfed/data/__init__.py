@@ -9,27 +9,35 @@ import numpy as np
 import torch
 
 from smallfed.config import Config, ConfigError
+from smallfed.data.checks import check_dataset
 from smallfed.data.datasets import (
+    DATASETS,
     MNIST_POOL_FRACTION,
     MNIST_SPLIT_SEED,
     Dataset,
+    DatasetLoader,
+    check_dataset_name,
     load_custom,
-    load_digits,
     load_hub,
-    load_mnist,
+    register_dataset,
 )
 from smallfed.data.partition import make_partitioner, partition_indices
 
 __all__ = [
+    "DATASETS",
     "MNIST_POOL_FRACTION",
     "MNIST_SPLIT_SEED",
     "Dataset",
+    "DatasetLoader",
     "FederatedData",
     "check_data_config",
+    "check_dataset",
+    "check_dataset_name",
     "federated_data",
     "load_dataset",
     "make_partitioner",
     "partition_indices",
+    "register_dataset",
     "write_device_data",
 ]
 
@@ -42,7 +50,7 @@ class FederatedData:
     partitions: list[np.ndarray]
 
     def client(self, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(images, labels) of one client."""
+        """(inputs, labels) of one client."""
         if not 0 <= partition_id < len(self.partitions):
             raise ValueError(
                 f"partition-id {partition_id} is outside 0..{len(self.partitions) - 1}: the "
@@ -54,14 +62,17 @@ class FederatedData:
 
 
 def load_dataset(cfg: Config) -> Dataset:
-    """The dataset the configuration names (see the ``dataset`` key)."""
-    if cfg.dataset == "digits":
-        return load_digits(cfg.test_fraction, cfg.seed)
-    if cfg.dataset == "mnist":
-        return load_mnist(cfg.data_dir)
-    if cfg.dataset.startswith("hf:"):
-        return load_hub(cfg.dataset[3:], cfg.seed, cfg.test_fraction)
-    return load_custom(cfg.dataset)
+    """The dataset the configuration names (see the ``dataset`` key), checked for use."""
+    name = cfg.dataset
+    check_dataset_name(name)
+    if name in DATASETS:
+        dataset = DATASETS[name](cfg)
+    elif name.startswith("hf:"):
+        dataset = load_hub(name[3:], cfg.seed, cfg.test_fraction)
+    else:
+        dataset = load_custom(name)
+    check_dataset(dataset, name)
+    return dataset
 
 
 _DATA_KEYS = ("dataset", "data-dir", "test-fraction", "seed", "num-clients", "partitioner",

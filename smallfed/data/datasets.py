@@ -1,19 +1,26 @@
 """Datasets as plain tensors: a client training pool and a server-side held-out test set.
 
-Images are kept as one float tensor per split (N, C, H, W), already normalised, so a
-client's partition is an index array into the pool: no per-client copies are held.
+Inputs are kept as one float tensor per split, images (N, C, H, W) or tabular
+features (N, F), already normalised, so a client's partition is an index array
+into the pool: no per-client copies are held.
+
+The ``dataset`` key names a loader registered with :func:`register_dataset`, a
+Hugging Face dataset (``hf:<name>``) or your own ``package.module:function``.
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from smallfed.config import Config, ConfigError
+from smallfed.plugins import load_object
 
 # The real MNIST training set is not on these machines, only its 10,000-image test
 # set. From it we draw a client pool of 80% (8,000) and a held-out test set of 20%
@@ -38,8 +45,43 @@ class Dataset:
     pixel_std: float = 1.0
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_x.shape[1:])  # type: ignore[return-value]
+    def input_shape(self) -> tuple[int, ...]:
+        """One sample's shape: (C, H, W) for images, (F,) for tabular features."""
+        return tuple(self.train_x.shape[1:])
+
+
+DatasetLoader = Callable[[Config], Dataset]
+DATASETS: dict[str, DatasetLoader] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
+    """Make ``loader(cfg) -> Dataset`` the value ``name`` of the ``dataset`` key."""
+    if not name or ":" in name:
+        raise ValueError(f"dataset name {name!r}: must be non-empty and without ':' "
+                         "(which marks hf:<name> and package.module:function)")
+
+    def add(loader: DatasetLoader) -> DatasetLoader:
+        DATASETS[name] = loader
+        return loader
+
+    return add
+
+
+def check_dataset_name(name: str) -> None:
+    """ConfigError unless ``name`` is registered, ``hf:<name>`` or ``package.module:function``."""
+    if name not in DATASETS and ":" not in name:
+        raise ConfigError(f"dataset: {name!r} is not known; use {', '.join(DATASETS)}, "
+                          "hf:<name> or package.module:function")
+
+
+@register_dataset("digits")
+def digits(cfg: Config) -> Dataset:
+    return load_digits(cfg.test_fraction, cfg.seed)
+
+
+@register_dataset("mnist")
+def mnist(cfg: Config) -> Dataset:
+    return load_mnist(cfg.data_dir)
 
 
 def load_digits(test_fraction: float, seed: int) -> Dataset:
@@ -111,13 +153,15 @@ def load_hub(name: str, seed: int, test_fraction: float) -> Dataset:
 
 
 def load_custom(target: str) -> Dataset:
-    """``package.module:function`` returning a :class:`Dataset` (bring your own data)."""
-    module_name, _, attr = target.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
-    dataset = factory()
-    if not isinstance(dataset, Dataset):
-        raise TypeError(f"{target} must return smallfed.data.Dataset, got {type(dataset)}")
-    return dataset
+    """``package.module:function`` returning a :class:`Dataset` (bring your own data).
+
+    The function takes no arguments; register a loader to receive the Config.
+    """
+    factory = load_object(target, "dataset")
+    if not callable(factory):
+        raise ConfigError(f"dataset: {target!r} is not callable ({type(factory).__name__}); "
+                          "name a function returning smallfed.data.Dataset")
+    return factory()
 
 
 def _from_arrays(

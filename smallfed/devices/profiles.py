@@ -49,6 +49,14 @@ PROFILES: dict[str, DeviceProfile] = {}
 
 
 def register(profile: DeviceProfile) -> DeviceProfile:
+    """Make ``profile`` a name of the ``devices`` key (replacing one of the same name).
+
+    A fleet of your own is one module of ``register(DeviceProfile(...))`` calls,
+    imported before the Config that names them is built.
+    """
+    if not profile.name or any(ch in profile.name for ch in ":, "):
+        raise ValueError(f"device {profile.name!r}: a name must be non-empty, without ':', "
+                         "',' or spaces (the devices key reads NAME:SHARE,NAME:SHARE)")
     PROFILES[profile.name] = profile
     return profile
 
