@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from smallfed.cli import main
-from smallfed.compact.export import run_onnx
+from smallfed.compact.export import run_onnx, to_onnx
 from smallfed.compact.pruning import apply_masks, magnitude_masks
 from smallfed.compact.shrink import shrink
 from smallfed.config import Config
@@ -131,4 +131,52 @@ def test_predict_refuses_inputs_of_the_wrong_shape(run_dir, tmp_path, bad, capsy
         message = "28x28 pixels, the model takes 8x8"
     capsys.readouterr()
     assert main(["predict", "--model", str(model), "--input", str(source)]) == 2
+    assert message in capsys.readouterr().err.replace("\n", " ")
+
+
+@pytest.fixture(scope="module")
+def tabular_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported model of 13 tabular features (no run needed: to_onnx on an mlp)."""
+    path = tmp_path_factory.mktemp("tabular") / "model.onnx"
+    to_onnx(build_model("mlp", (13,), 3, seed=0), (13,), path)
+    return path
+
+
+def test_predict_on_tabular_rows(tabular_model: Path, tmp_path: Path, capsys) -> None:
+    rows = np.random.default_rng(0).normal(size=(5, 13)).astype(np.float32)
+    expected = run_onnx(tabular_model, rows).argmax(1).tolist()
+    np.save(tmp_path / "rows.npy", rows.astype(np.float64))  # any numeric dtype
+    header = ",".join(f"f{i}" for i in range(13))
+    np.savetxt(tmp_path / "rows.csv", rows, delimiter=",", header=header, comments="")
+    np.savetxt(tmp_path / "bare.csv", rows, delimiter=",")
+    for name in ("rows.npy", "rows.csv", "bare.csv"):
+        capsys.readouterr()
+        assert main(["predict", "--model", str(tabular_model), "--input", str(tmp_path / name)]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert lines[1].startswith(f"{name}[0],")
+        assert [int(line.split(",")[1]) for line in lines[1:]] == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("x.npy", np.zeros((4, 12)), "shape (4, 12), the model takes (N, 13)"),
+        ("x.npy", np.zeros(13), "shape (13,), the model takes (N, 13)"),
+        ("x.csv", "1,2,3\n4,5,6\n", "shape (2, 3), the model takes (N, 13)"),
+        ("x.csv", "a,b\n1,x\n", "not a CSV of numbers"),
+        ("images", None, "the model takes rows of 13 features; give an .npy or .csv file of "
+                         "shape (N, 13)"),
+    ],
+)
+def test_predict_refuses_tabular_inputs_of_the_wrong_size(tabular_model, tmp_path, name, content,
+                                                          message, capsys) -> None:
+    source = tmp_path / name
+    if content is None:
+        source.mkdir()
+    elif isinstance(content, str):
+        source.write_text(content)
+    else:
+        np.save(source, content)
+    capsys.readouterr()
+    assert main(["predict", "--model", str(tabular_model), "--input", str(source)]) == 2
     assert message in capsys.readouterr().err.replace("\n", " ")

@@ -1,8 +1,11 @@
-"""Run an exported model in onnxruntime on images, as a device would.
+"""Run an exported model in onnxruntime on images or tabular rows, as a device would.
 
-Inputs are a folder of images (PNG, JPEG, BMP, PGM: read with Pillow, converted to
-the model's channels) or an ``.npy`` array of shape (N, C, H, W) or (N, H, W), with
-pixel intensities in [0, 1] (uint8 arrays are divided by 255). Sizes must match the
+For an image model, inputs are a folder of images (PNG, JPEG, BMP, PGM: read with
+Pillow, converted to the model's channels) or an ``.npy`` array of shape
+(N, C, H, W) or (N, H, W), with pixel intensities in [0, 1] (uint8 arrays are
+divided by 255). For a model of F tabular features, inputs are an ``.npy`` array or
+a ``.csv`` file (comma-separated, an optional header row) of shape (N, F), with the
+features as the dataset holds them before normalisation. Sizes must match the
 model's input: a device gets what it was trained for, so nothing is resized.
 """
 
@@ -19,23 +22,26 @@ from smallfed.config import ConfigError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".gif", ".tif", ".tiff"}
 
 
-def model_input_shape(model: str | Path) -> tuple[int, int, int]:
-    """(C, H, W) the ONNX model expects."""
+def model_input_shape(model: str | Path) -> tuple[int, ...]:
+    """One sample's shape the ONNX model expects: (C, H, W) or (F,)."""
     if not Path(model).is_file():
         raise ConfigError(f"--model {model}: no such file; export one with `smallfed export`")
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     shape = session.get_inputs()[0].shape
-    return tuple(int(d) for d in shape[1:])  # type: ignore[return-value]
+    return tuple(int(d) for d in shape[1:])
 
 
-def read_inputs(source: str | Path, shape: tuple[int, int, int]) -> tuple[list[str], np.ndarray]:
-    """(names, pixels float32 (N, C, H, W) in [0, 1]); ConfigError naming what is wrong."""
+def read_inputs(source: str | Path, shape: tuple[int, ...]) -> tuple[list[str], np.ndarray]:
+    """(names, float32 inputs of shape (N, *shape)); ConfigError naming what is wrong."""
     source = Path(source)
+    if len(shape) == 1:
+        return read_rows(source, shape[0])
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ConfigError(f"--input {source}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return [p.name for p in files], np.stack([_read_image(p, shape) for p in files])
+        images = [_read_image(p, shape) for p in files]  # type: ignore[arg-type]
+        return [p.name for p in files], np.stack(images)
     if source.suffix == ".npy" and source.is_file():
         array = np.load(source, allow_pickle=False)
         pixels = array / 255.0 if array.dtype == np.uint8 else array
@@ -46,6 +52,40 @@ def read_inputs(source: str | Path, shape: tuple[int, int, int]) -> tuple[list[s
                               f"(N, {', '.join(map(str, shape))})")
         return [f"{source.name}[{i}]" for i in range(len(pixels))], pixels.astype(np.float32)
     raise ConfigError(f"--input {source}: expected a folder of images or an .npy file")
+
+
+def read_rows(source: Path, features: int) -> tuple[list[str], np.ndarray]:
+    """(names, float32 (N, features)) from an .npy or .csv file, for a tabular model."""
+    if source.suffix == ".npy" and source.is_file():
+        rows = np.load(source, allow_pickle=False)
+    elif source.suffix == ".csv" and source.is_file():
+        rows = _read_csv(source)
+    else:
+        raise ConfigError(f"--input {source}: the model takes rows of {features} features; "
+                          f"give an .npy or .csv file of shape (N, {features})")
+    if rows.ndim != 2 or rows.shape[1] != features or not np.issubdtype(rows.dtype, np.number):
+        raise ConfigError(f"--input {source}: shape {tuple(rows.shape)}, the model takes "
+                          f"(N, {features})")
+    return [f"{source.name}[{i}]" for i in range(len(rows))], rows.astype(np.float32)
+
+
+def _read_csv(path: Path) -> np.ndarray:
+    """Numbers separated by commas, one row a sample; a first row of names is skipped."""
+    with path.open() as fh:
+        first = fh.readline().split(",")
+    header = not all(_is_number(cell) for cell in first)
+    try:
+        return np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float32, skiprows=int(header))
+    except ValueError as err:
+        raise ConfigError(f"--input {path}: not a CSV of numbers ({err})") from err
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _read_image(path: Path, shape: tuple[int, int, int]) -> np.ndarray:
