@@ -95,6 +95,10 @@ class Stage:
       string (``"clip:1.5"`` gives ``["1.5"]``); ``usage`` is that form, for errors.
     * It keeps no state between calls (randomness comes from ``rng`` and ``seed``):
       a parsed chain is cached and shared by every client in a process.
+    * It sees the update and nothing else, which keeps privacy intact: under
+      user-level DP the server clips every decoded update (the bound holds whatever
+      a stage does to the norm); under DP-SGD the update is already private and a
+      stage is post-processing.
     """
 
     name: str = ""  # set by register_stage
