@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import threading
 import tomllib
 from datetime import datetime
 from importlib import resources
@@ -52,6 +54,17 @@ def stopped_simulation(out: Path) -> str:
             f"go on with: smallfed simulate --resume {out}")
 
 
+def exit_if_threads_linger() -> None:
+    """End the process now if threads outlive a Ctrl-C: Flower's Ray engine leaves its
+    ServerApp thread waiting for replies from the stopped clients (10 min a round), and
+    it would then go on with the run in the background, into the folder to resume."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate()
+           if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(INTERRUPTED)  # pylint: disable=protected-access
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from smallfed.report import print_rounds
     from smallfed.report.plots import plot_rounds
@@ -80,6 +93,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite)
     except KeyboardInterrupt:
         print_error("interrupted:", stopped_simulation(out))
+        exit_if_threads_linger()
         return INTERRUPTED
     print_rounds(results, console)
     plot_rounds(results, out / "accuracy.png")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -114,6 +116,13 @@ def test_ctrl_c_says_how_to_resume_and_keeps_the_finished_rounds(
     assert main(["simulate", "--resume", str(out), "--no-progress"]) == 0
     rounds = json.loads((out / "results.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+
+
+def test_threads_left_running_after_ctrl_c_end_with_the_process() -> None:
+    """As Flower's Ray engine leaves its ServerApp thread waiting for replies."""
+    code = ("import threading, time; from smallfed.cli import exit_if_threads_linger; "
+            "threading.Thread(target=time.sleep, args=(600,)).start(); exit_if_threads_linger()")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 130
 
 
 def test_errors_are_printed_as_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
