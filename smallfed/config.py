@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smallfed.codec import CodecError, parse_codec
+from smallfed.codec import CodecError, check_downlink, parse_codec
 
 
 class ConfigError(ValueError):
@@ -237,6 +237,11 @@ class Config:
         "prv", "Opacus accountant: prv (tightest), rdp or gdp.", choices=("prv", "rdp", "gdp"))
 
     # --- running ------------------------------------------------------------
+    plugins: str = _key(
+        "", "Your modules, comma-separated, imported before the rest of the configuration "
+        "is checked, in every process of the run (ServerApp, ClientApps, Ray's workers): "
+        "where your @register_stage, @register_dataset, @register_strategy and device "
+        "profiles live. Under `flwr run` list their files in fab-include.")
     backend: str = _key(
         "inprocess",
         "inprocess: one process drives the ServerApp and ClientApp through an in-process "
@@ -253,6 +258,10 @@ class Config:
     )
 
     def __post_init__(self) -> None:
+        if self.plugins:
+            from smallfed.plugins import import_plugins  # it imports this module
+
+            import_plugins(self.plugins)
         for f in dataclasses.fields(self):
             _check_value(f, getattr(self, f.name))
         if self.clients_per_round > self.num_clients:
@@ -312,19 +321,14 @@ class Config:
                 parse_codec(text)
             except CodecError as err:
                 raise ConfigError(f"{key}: {err}") from err
-        down = parse_codec(self.codec_down)
-        if down.error_feedback or any(s.role == "sparsify" or s.name == "sign" for s in down.stages):
-            raise ConfigError(
-                f"codec-down: {self.codec_down!r} would sparsify or sign the model itself (the "
-                "broadcast is the whole model, not a delta); use fp16, bf16, quantize or zlib"
-            )
-        if self.dataset not in ("digits", "mnist") and not (
-            self.dataset.startswith("hf:") or ":" in self.dataset
-        ):
-            raise ConfigError(
-                f"dataset: {self.dataset!r} is not known; use digits, mnist, "
-                "hf:<name> or package.module:function"
-            )
+        try:
+            check_downlink(parse_codec(self.codec_down))
+        except CodecError as err:
+            raise ConfigError(f"codec-down: {err}") from err
+        # Here, not at the top: the registry's module imports this one (and torch).
+        from smallfed.data.datasets import check_dataset_name
+
+        check_dataset_name(self.dataset)
 
     # --- construction -------------------------------------------------------
     @classmethod
@@ -393,10 +397,11 @@ def describe_keys() -> list[tuple[str, str, str]]:
 
 def _registered() -> dict[str, tuple[str, ...]]:
     """The names each registry holds (imported here: the zoo imports torch)."""
+    from smallfed.data import DATASETS
     from smallfed.flower.strategies import STRATEGIES
     from smallfed.models import MODELS
 
-    return {"model": tuple(MODELS), "strategy": tuple(STRATEGIES)}
+    return {"model": tuple(MODELS), "strategy": tuple(STRATEGIES), "dataset": tuple(DATASETS)}
 
 
 def _hyphen(name: str) -> str:

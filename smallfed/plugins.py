@@ -48,3 +48,11 @@ def load_object(target: str, what: str) -> Any:
         raise ConfigError(
             f"{what}: {target!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) "
             f"has no {attr!r}; it has {', '.join(public) or 'no public functions'}") from err
+
+
+def import_plugins(modules: str) -> None:
+    """Import the comma-separated ``modules`` (the ``plugins`` key), so that the codec
+    stages, datasets, strategies and device profiles they register exist in every
+    process that builds the run's Config: the ServerApp, each ClientApp, Ray's workers."""
+    for name in filter(None, (m.strip() for m in modules.split(","))):
+        load_object(f"{name}:__name__", what="plugins")
