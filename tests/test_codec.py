@@ -12,7 +12,8 @@ import pytest
 
 from smallfed.codec import CodecError, PayloadError, chain, parse_codec
 from smallfed.codec.bits import decode_varints, encode_varints, pack_codes, unpack_codes
-from smallfed.codec.wire import INDEX_BITMAP, INDEX_VARINT, _indices
+from smallfed.codec.wire import (
+    CHECKSUM_BYTES, FORMAT_VERSION, INDEX_BITMAP, INDEX_VARINT, _indices, reseal, seal)
 from smallfed.codec.stages import TensorCode
 
 RNG = np.random.default_rng(1234)
@@ -116,7 +117,8 @@ def test_randk_sends_no_positions_and_the_server_finds_them() -> None:
 
 
 def test_payload_size_is_the_formula() -> None:
-    """fp16, dense: header + per tensor (ndim, dims, dtype, mode, count, kind, bits, block) + 2n."""
+    """fp16, dense: header + per tensor (ndim, dims, dtype, mode, count, kind, bits, block)
+    + 2n, + the 4-byte checksum."""
     payload, _ = roundtrip("fp16")
 
     def varint_len(n: int) -> int:
@@ -127,7 +129,7 @@ def test_payload_size_is_the_formula() -> None:
     for x in UPDATE.values():
         body += varint_len(x.ndim) + sum(varint_len(d) for d in x.shape)
         body += 1 + 1 + varint_len(x.size) + 1 + 1 + varint_len(0) + 2 * x.size
-    assert len(payload) == header + body
+    assert len(payload) == header + body + CHECKSUM_BYTES
 
 
 def test_sparse_positions_take_the_cheaper_form() -> None:
@@ -203,11 +205,14 @@ CODEC = parse_codec("topk:0.05,quantize:4,zlib")
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
-        (GOOD[:-7], "truncated"),
+        (GOOD[:-7], "checksum mismatch"),
+        (reseal(GOOD[:-7]), "truncated"),
         (b"XYZ" + GOOD[3:], "bad magic"),
         (GOOD[:3] + bytes([9]) + GOOD[4:], "format version 9"),
-        (GOOD + b"\x00", "left over"),
+        (GOOD + b"\x00", "checksum mismatch"),
+        (seal(GOOD[:-CHECKSUM_BYTES] + b"\x00"), "left over"),
         (b"", "truncated"),
+        (GOOD[:6], "truncated"),
     ],
 )
 def test_broken_payloads_are_rejected_with_a_reason(payload: bytes, message: str) -> None:
@@ -230,8 +235,8 @@ def test_nan_and_zip_bombs_are_rejected() -> None:
     with pytest.raises(PayloadError, match="conv.bias: decodes to NaN or infinity"):
         parse_codec("fp16").decode(payload, TEMPLATE)
     spec = b"zlib:6"
-    bomb = (b"SFU" + bytes([1, 1, len(spec)]) + spec + struct.pack("<Q", 0)
-            + zlib.compress(b"\x00" * 10_000_000))
+    bomb = seal(b"SFU" + bytes([FORMAT_VERSION, 1, len(spec)]) + spec + struct.pack("<Q", 0)
+                + zlib.compress(b"\x00" * 10_000_000))
     with pytest.raises(PayloadError, match="expands past the model's size"):
         parse_codec("zlib").decode(bomb, TEMPLATE)
 
@@ -269,7 +274,7 @@ def test_cluster_payload_is_indices_plus_codebook() -> None:
             body += varint_len(x.ndim) + sum(varint_len(d) for d in x.shape)
             body += 1 + 1 + varint_len(x.size) + 1 + 1 + varint_len(k)
             body += 4 * k + (x.size * bits + 7) // 8
-        assert len(payload) == header + body
+        assert len(payload) == header + body + CHECKSUM_BYTES
         for name, values in decoded.items():  # only codebook values come out
             assert len(np.unique(values)) <= k
 
@@ -287,6 +292,66 @@ def test_cluster_index_outside_the_codebook_is_rejected() -> None:
     update = {"w": np.arange(8, dtype=np.float32)}
     codec = parse_codec("cluster:3")  # 2-bit indices: the value 3 fits the bits, not k
     payload, _ = codec.encode(update, seed=0)
-    forged = payload[:-2] + bytes([0xFF, 0xFF])
+    forged = seal(payload[:-CHECKSUM_BYTES - 2] + bytes([0xFF, 0xFF]))
     with pytest.raises(PayloadError, match="outside a codebook of 3"):
         codec.decode(forged, {"w": (8,)})
+
+
+# --- the checksum ------------------------------------------------------------------
+# A real update of about 10k values: the payloads are small (a few hundred bytes), so
+# every one of their bits is flipped, one at a time.
+FLIP_RNG = np.random.default_rng(2024)
+FLIP_UPDATE = {"w": FLIP_RNG.normal(0, 0.01, (100, 80)).astype(np.float32),
+               "b": FLIP_RNG.normal(0, 0.01, (2000,)).astype(np.float32)}
+FLIP_TEMPLATE = {k: v.shape for k, v in FLIP_UPDATE.items()}
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01,quantize:4", "topk:0.01:global,sign",
+                                  "topk:0.01,quantize:4,error_feedback,zlib"])
+def test_every_single_bit_flip_is_refused(spec: str) -> None:
+    codec = parse_codec(spec)
+    payload, _ = codec.encode(FLIP_UPDATE, seed=5)
+    codec.decode(payload, FLIP_TEMPLATE)  # the intact payload decodes
+    reasons = set()
+    for bit in range(8 * len(payload)):
+        flipped = bytearray(payload)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(PayloadError) as refused:
+            codec.decode(bytes(flipped), FLIP_TEMPLATE)
+        reasons.add(str(refused.value).split(" (")[0].split(";")[0])
+    # Magic and version bits have their own reasons; every other bit is the checksum's.
+    assert reasons == {"checksum mismatch", "not a smallfed update",
+                       *{f"wire format version {FORMAT_VERSION ^ (1 << i)}" for i in range(8)}}
+
+
+def test_the_checksum_is_verified_before_the_header_is_parsed() -> None:
+    """A bit flipped in the flags, the codec name or the seed: checksum, not another reason."""
+    payload, _ = parse_codec("topk:0.01,quantize:4").encode(FLIP_UPDATE, seed=5)
+    for at in (4, 5, 6, 12):  # flags, len(spec), spec, seed
+        broken = payload[:at] + bytes([payload[at] ^ 0x80]) + payload[at + 1 :]
+        with pytest.raises(PayloadError, match="^checksum mismatch"):
+            parse_codec("topk:0.01,quantize:4").decode(broken, FLIP_TEMPLATE)
+
+
+def test_an_old_version_payload_is_refused_with_both_versions_and_the_fix() -> None:
+    """Version 1 had the same layout without the checksum trailer."""
+    payload, _ = parse_codec("topk:0.01,quantize:4").encode(FLIP_UPDATE, seed=5)
+    old = payload[:3] + bytes([1]) + payload[4:-CHECKSUM_BYTES]
+    with pytest.raises(PayloadError) as refused:
+        parse_codec("topk:0.01,quantize:4").decode(old, FLIP_TEMPLATE)
+    message = str(refused.value)
+    assert message.startswith("wire format version 1; this smallfed (")
+    assert f"reads wire format version {FORMAT_VERSION} only" in message
+    assert "run the same smallfed version on the server and on every client" in message
+
+
+def test_the_checksum_costs_four_bytes_and_the_payload_still_round_trips() -> None:
+    codec = parse_codec("topk:0.01,quantize:4")
+    payload, _ = codec.encode(FLIP_UPDATE, seed=5)
+    assert zlib.crc32(payload[:-CHECKSUM_BYTES]).to_bytes(4, "little") == payload[-4:]
+    assert reseal(payload) == payload and CHECKSUM_BYTES == 4
+    decoded = codec.decode(payload, FLIP_TEMPLATE)
+    for name, x in FLIP_UPDATE.items():
+        kept = np.flatnonzero(decoded[name])
+        assert len(kept) == math.ceil(0.01 * x.size)
+        assert set(kept) == set(np.argsort(-np.abs(x.reshape(-1)))[: len(kept)])
