@@ -68,6 +68,18 @@ class Config:
     trim_beta: float = _key(
         0.2, "fedtrimmedavg: the share cut from each end of every coordinate.", ge=0, lt=0.5)
     qfed_q: float = _key(0.1, "qfedavg: the fairness exponent q (0: FedAvg-like).", ge=0)
+    update_clip: float = _key(
+        0.0, "The largest L2 norm of a client's update (its model minus the model it was "
+        "sent) the server aggregates; longer ones are scaled down. 0: adaptive, "
+        "update-clip-factor times the median norm of the last 5 rounds' updates. Not used "
+        "with privacy = 'user' (dp-clip bounds every update).", ge=0)
+    update_clip_factor: float = _key(
+        2.0, "Adaptive update clip: the bound as a multiple of the recent median norm "
+        "(0 with update-clip 0: no bound, for research on attacks only).", ge=0)
+    max_examples: int = _key(
+        0, "The most examples a real device's reply may count for (the server cannot check "
+        "its data); 0: 4 times the round's median claim. In simulation a claim above the "
+        "client's partition size is rejected.", ge=0)
     min_replies: int = _key(
         1,
         "Fewest usable updates a round aggregates; with fewer the round fails (logged, "

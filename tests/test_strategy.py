@@ -31,12 +31,15 @@ from smallfed.config import Config
 from smallfed.flower.client import build_client_app
 from smallfed.flower.inprocess import InProcessGrid
 from smallfed.flower.layers import (
+    AdmitReplies,
+    BoundUpdates,
     ClientReports,
     DecodeUpdates,
     Partitions,
     PartitionSampling,
     ProjectModel,
     Quorum,
+    RollbackNonFinite,
     ValidateReplies,
     build_strategy,
     restore_stack,
@@ -331,3 +334,91 @@ def test_a_node_that_leaves_does_not_stall_the_next_round() -> None:
     assert gone in partitions.discover(grid)
     with pytest.raises(RuntimeError, match="only 3 nodes connected after 1 s"):
         Partitions(4, wait_for_nodes_s=1.0).discover(grid)
+
+
+def test_one_reply_per_node_sent_a_message_and_none_too_large(
+        caplog: pytest.LogCaptureFixture) -> None:
+    inner = Tiny()
+    admit = AdmitReplies(inner, max_reply_bytes=1000)
+    asks = sent(admit, nodes=2)
+    first = answer(asks[0], update(MODEL))
+    stranger = Message(update(MODEL), dst_node_id=0, message_type="train")  # never asked
+    replies = [first, answer(asks[0], update(MODEL)),
+               answer(asks[1], update({"w": np.zeros((200, 3), np.float32)})), ]
+    admit.aggregate_train(1, [*replies, answer(stranger, update(MODEL))])
+    assert inner.seen == [first]
+    assert admit.round_stats() == {"rejected": 3}
+    for reason in ("a second reply this round", "more than an update of this model",
+                   "it was sent no message this round"):
+        assert reason in caplog.text
+
+
+def test_a_claim_past_the_known_partition_size_is_rejected() -> None:
+    inner = Tiny()
+    validate = ValidateReplies(inner, known_examples=lambda node: 50)
+    ask = sent(validate)[0]
+    honest, liar = answer(ask, update(MODEL, 50)), answer(ask, update(MODEL, 1e9))
+    validate.aggregate_train(1, [honest, liar])
+    assert inner.seen == [honest] and validate.round_stats()["rejected"] == 1
+
+
+def test_data_that_lie_about_their_dtype_or_shape_are_rejected(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An Array declares float32 (2, 3), but its bytes hold float64, or one value."""
+    inner = Tiny()
+    decode = DecodeUpdates(inner, seed=0)
+    ask = sent(decode)[0]
+    lies = []
+    for data in (np.zeros((2, 3), np.float64), np.zeros((1,), np.float32)):
+        real = Array(data)
+        lying = Array(dtype="float32", shape=(2, 3), stype=real.stype, data=real.data)
+        lies.append(answer(ask, RecordDict({"arrays": ArrayRecord({"w": lying}),
+                                            "metrics": MetricRecord({"num-examples": 3})})))
+    decode.aggregate_train(1, lies)
+    assert inner.seen == [] and decode.round_stats() == {"rejected": 2}
+    assert "but its data hold float64[2, 3]" in caplog.text
+    assert "but its data hold float32[1]" in caplog.text
+
+
+def test_updates_are_bounded_by_a_multiple_of_recent_medians() -> None:
+    inner = Tiny()
+    bound = BoundUpdates(inner, factor=2.0)
+    asks = sent(bound, nodes=4)
+    replies = [answer(a, update({"w": np.full((2, 3), v, np.float32)}))
+               for a, v in zip(asks, (1.0, 1.1, 0.9, 1e6))]
+    bound.aggregate_train(1, replies)
+    norms = [np.linalg.norm(r.content["arrays"]["w"].numpy()) for r in inner.seen]
+    median = np.median([np.linalg.norm(np.full(6, v)) for v in (1.0, 1.1, 0.9, 1e6)])
+    assert norms[:3] == pytest.approx([np.sqrt(6) * v for v in (1.0, 1.1, 0.9)])
+    assert norms[3] == pytest.approx(2.0 * median, rel=1e-5)
+    assert bound.round_stats() == {"clipped": 1}
+    fixed = BoundUpdates(Tiny(), clip=0.5)
+    sent(fixed)
+    assert fixed.norm_bound([10.0]) == 0.5
+
+
+def test_unknown_clients_weights_are_capped_at_a_multiple_of_the_median() -> None:
+    inner = Tiny()
+    bound = BoundUpdates(inner, factor=0.0)  # weights only
+    asks = sent(bound, nodes=3)
+    replies = [answer(a, update(MODEL, n)) for a, n in zip(asks, (10, 20, 1e9))]
+    bound.aggregate_train(1, replies)
+    assert [r.content["metrics"]["num-examples"] for r in inner.seen] == [10, 20, 80]
+
+
+def test_a_non_finite_aggregate_is_rolled_back_with_the_state_below() -> None:
+    """FedAvgM's momentum would keep an infinity for good: the round is undone whole."""
+    inner = FedAvgM(**NO_SAMPLING, server_momentum=0.9, server_learning_rate=10.0)
+    rollback = RollbackNonFinite(Quorum(inner))
+    cfg = Config(num_clients=2, clients_per_round=2)
+    grid = InProcessGrid(build_client_app(cfg), 2, cfg.to_dict())
+    node = next(iter(grid.get_node_ids()))
+    arrays = ArrayRecord({k: Array(v) for k, v in MODEL.items()})
+    ask = list(rollback.configure_train(1, arrays, ConfigRecord(), Nodes([node])))[0]
+    good = answer(ask, update({"w": np.ones((2, 3), np.float32)}))
+    assert rollback.aggregate_train(1, [good])[0] is not None
+    momentum = [m.copy() for m in inner.momentum_vector]
+    huge = answer(ask, update({"w": np.full((2, 3), 3e38, np.float32)}))
+    assert rollback.aggregate_train(2, [huge]) == (None, None)  # 10 x 3e38 overflows float32
+    assert rollback.round_stats() == {"rolled_back": 1}
+    assert np.array_equal(inner.momentum_vector[0], momentum[0])

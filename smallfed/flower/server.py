@@ -103,6 +103,8 @@ class RoundStats:
     offline: int = 0  # device simulation: sampled but not online
     dropped: int = 0  # device simulation: replies past the round's deadline
     finished: int = 0
+    clipped: int = 0  # updates scaled down to the norm bound
+    rolled_back: int = 0
     sim_time_s: float | None = None
 
 
@@ -126,7 +128,8 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
     if resume is not None:
         model.load_state_dict({k: torch.from_numpy(v) for k, v in resume.global_arrays.items()})
     initial = model_to_record(model)
-    strategy = build_strategy(cfg, model, input_shape=dataset.input_shape, inner=inner, done=done)
+    strategy = build_strategy(cfg, model, input_shape=dataset.input_shape, inner=inner, done=done,
+                              partition_sizes=[len(p) for p in data.partitions])
     clock = find(strategy, DeviceClock)
     metered = MeteredGrid(grid)
     recorder = RunRecorder(
@@ -158,7 +161,8 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
             clients_declined=stats.declined, epsilon=spent[0], epsilon_mean=spent[1],
             sampled=stats.sampled, sim_time_s=stats.sim_time_s if clock else None,
             clients_finished=stats.finished, clients_dropped=stats.dropped,
-            clients_offline=stats.offline,
+            clients_offline=stats.offline, updates_clipped=stats.clipped,
+            rolled_back=stats.rolled_back,
         )
         if clock is not None:
             recorder.add_clients(out, [asdict(row) for row in clock.take_rows()])

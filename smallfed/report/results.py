@@ -46,7 +46,8 @@ SCHEMA_VERSION = 1
 ROUND_FIELDS = (
     "round", "accuracy", "loss", "bytes_up", "bytes_down", "clients", "clients_failed",
     "updates_rejected", "clients_declined", "epsilon", "epsilon_mean", "wall_time_s",
-    "sim_time_s", "clients_finished", "clients_dropped", "clients_offline",
+    "sim_time_s", "clients_finished", "clients_dropped", "clients_offline", "updates_clipped",
+    "rolled_back",
 )
 
 
@@ -68,6 +69,8 @@ class RoundRecord:
     clients_finished: int = 0
     clients_dropped: int = 0
     clients_offline: int = 0
+    updates_clipped: int = 0  # updates scaled down to the server's norm bound
+    rolled_back: int = 0  # 1: the aggregate was non-finite and the round was undone
 
 
 @dataclass

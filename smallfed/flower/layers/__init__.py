@@ -14,15 +14,22 @@ from smallfed.flower.layers.base import (
     stack_state,
     stack_stats,
 )
+from smallfed.flower.layers.bound import BoundUpdates
 from smallfed.flower.layers.build import build_strategy
 from smallfed.flower.layers.clock import DeviceClock
 from smallfed.flower.layers.decode import DecodeUpdates
 from smallfed.flower.layers.project import ProjectModel
+from smallfed.flower.layers.rollback import RollbackNonFinite
 from smallfed.flower.layers.sampling import Partitions, PartitionSampling, RoundOffset
-from smallfed.flower.layers.validate import ClientReports, Quorum, ValidateReplies
+from smallfed.flower.layers.validate import (
+    AdmitReplies,
+    ClientReports,
+    Quorum,
+    ValidateReplies,
+)
 
 __all__ = [
-    "ClientReports", "DecodeUpdates", "DeviceClock", "Layer", "PartitionSampling", "Partitions",
+    "AdmitReplies", "BoundUpdates", "RollbackNonFinite", "ClientReports", "DecodeUpdates", "DeviceClock", "Layer", "PartitionSampling", "Partitions",
     "ProjectModel", "Quorum", "RoundOffset", "ValidateReplies", "adopt", "build_strategy",
     "find", "restore_stack", "stack", "stack_epsilon", "stack_state", "stack_stats",
 ]

@@ -7,17 +7,24 @@ from torch import nn
 
 from smallfed.codec import parse_codec
 from smallfed.config import Config
+from smallfed.flower.layers.bound import BoundUpdates
 from smallfed.flower.layers.clock import DeviceClock
 from smallfed.flower.layers.decode import DecodeUpdates
 from smallfed.flower.layers.project import ProjectModel
+from smallfed.flower.layers.rollback import RollbackNonFinite
 from smallfed.flower.layers.sampling import Partitions, PartitionSampling, RoundOffset
-from smallfed.flower.layers.validate import ClientReports, Quorum, ValidateReplies
+from smallfed.flower.layers.validate import (
+    AdmitReplies,
+    ClientReports,
+    Quorum,
+    ValidateReplies,
+)
 from smallfed.flower.strategies import fewest_replies, make_inner_strategy
 
 
-def build_strategy(
+def build_strategy(  # pylint: disable=too-many-arguments
     cfg: Config, model: nn.Module, *, input_shape: tuple[int, ...], inner: Strategy | None = None,
-    done: int = 0, wait_for_nodes_s: float = 600.0,
+    done: int = 0, partition_sizes: list[int] | None = None, wait_for_nodes_s: float = 600.0,
 ) -> Strategy:
     """The server's strategy for ``cfg``: the layers around ``inner`` (default: the
     registered strategy ``cfg.strategy``), outermost first:
@@ -26,20 +33,31 @@ def build_strategy(
     ``RoundOffset``         rounds numbered after a resume's (``done``)
     ``PartitionSampling``   who trains: seeded by round, by partition id (Poisson
                             under user-level DP)
+    ``AdmitReplies``        one reply per node sent a message, no larger than an update
     ``DeviceClock``         devices only: offline nodes skipped, stragglers dropped
     ``ClientReports``       reported epsilons noted; declining replies stop here
-    ``ValidateReplies``     failed and malformed replies dropped
+    ``ValidateReplies``     failed and malformed replies dropped, example counts checked
     ``DecodeUpdates``       the broadcast encoded; each update decoded into a model
+    ``BoundUpdates``        each update's norm and weight bounded (not under user DP)
     ``ProjectModel``        pruning and weight sharing: the model kept compact
+    ``RollbackNonFinite``   a NaN or infinite aggregate undone
     ``UserLevelDPLayer``    privacy = "user": DP-FedAvg's clipped, noised step; or
     ``Quorum``              at least min-replies updates, with common metrics
     ``inner``               Flower's strategy (or yours): models -> the next model
     ======================  ==========================================================
 
     Replies travel up this table: a straggler is dropped before it is validated, a
-    payload decoded before it is projected; the broadcast travels down it.
+    payload decoded before it is bounded; the broadcast travels down it.
+    ``partition_sizes`` (simulation) lets the server check each client's example count.
     """
     partitions = Partitions(cfg.clients_per_round, wait_for_nodes_s)
+
+    def known_examples(node: int) -> int | None:
+        if partition_sizes is None or node not in partitions.reported:
+            return None  # a device: its data are its own
+        pid = partitions.of[node]
+        return partition_sizes[pid] if pid < len(partition_sizes) else None
+
     strategy = inner if inner is not None else make_inner_strategy(cfg)
     poisson = None
     if cfg.privacy == "user":
@@ -52,20 +70,35 @@ def build_strategy(
         poisson = (user_dp.sample_rate, user_dp.rng)
     else:
         strategy = Quorum(strategy, fewest_replies(cfg))
+    strategy = RollbackNonFinite(strategy)
     if cfg.prune != "none" or cfg.share_weights:
         strategy = ProjectModel(strategy, **_compaction(cfg, model))
+    if cfg.privacy != "user":  # else the DP layer clips every update to dp-clip
+        strategy = BoundUpdates(strategy, clip=cfg.update_clip, factor=cfg.update_clip_factor,
+                                max_examples=cfg.max_examples, known_examples=known_examples)
     strategy = DecodeUpdates(strategy, seed=cfg.seed, codec_up=parse_codec(cfg.codec),
                              codec_down=parse_codec(cfg.codec_down))
-    strategy = ClientReports(ValidateReplies(strategy), partitions)
+    strategy = ClientReports(ValidateReplies(strategy, known_examples), partitions)
     if cfg.devices:
         from smallfed.devices import RoundClock, training_flops_per_sample
 
         clock = RoundClock(cfg, training_flops_per_sample(model, input_shape))
         strategy = DeviceClock(strategy, clock, partitions)
+    strategy = AdmitReplies(strategy, max_reply_bytes(model))
     strategy = PartitionSampling(
         strategy, partitions, clients_per_round=cfg.clients_per_round,
         fraction_evaluate=cfg.fraction_evaluate, seed=cfg.seed, poisson=poisson)
     return RoundOffset(strategy, done)
+
+
+def max_reply_bytes(model: nn.Module) -> int:
+    """The most array bytes an honest train reply of ``model`` can hold, with room to spare.
+
+    A dense reply is the model's fp32 arrays; no codec's payload is larger than the dense
+    values plus their positions (at most 4 bytes each) and its header.
+    """
+    values = sum(p.numel() for p in model.state_dict().values())
+    return 2 * 4 * values + (1 << 16)
 
 
 def _compaction(cfg: Config, model: nn.Module) -> dict:

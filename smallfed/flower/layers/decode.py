@@ -10,7 +10,8 @@ network, so the strategies below aggregate models as Flower's always do.
   reply's payload is decoded into the client's delta, against the layout of the model
   it was sent, and added to that model. A payload that does not decode is rejected.
 * Without either, a reply's arrays must be the model's own: the same names, shapes and
-  dtypes as the model sent, with finite values.
+  dtypes as the model sent, with finite values; checked on the data themselves, not
+  on the shape and dtype an Array declares.
 
 The model and masks sent are read off the outgoing messages, so this layer needs
 nothing from the layers beside it.
@@ -121,6 +122,9 @@ class DecodeUpdates(Layer):
                 values = array.numpy()
             except Exception as err:  # pylint: disable=broad-exception-caught
                 return f"{key}: cannot be decoded ({err})"
+            if values.shape != sent.shape or values.dtype != sent.dtype:  # the data, not the label
+                return (f"{key}: declared {array.dtype}{list(array.shape)}, but its data hold "
+                        f"{values.dtype}{list(values.shape)}")
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 return f"{key}: holds NaN or infinite values"
         return None

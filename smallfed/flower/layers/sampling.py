@@ -55,6 +55,7 @@ class Partitions:
         self.clients_per_round = clients_per_round
         self.wait_for_nodes_s = wait_for_nodes_s
         self.of: dict[int, int] = {}
+        self.reported: set[int] = set()  # nodes that told their partition id (simulation)
 
     def discover(self, grid: Grid) -> dict[int, int]:
         """Map node id -> partition id of the connected nodes, asking only new ones.
@@ -89,6 +90,7 @@ class Partitions:
             pid = reported_partition(reply)
             if pid >= 0 and pid not in self.of.values():
                 self.of[node] = pid
+                self.reported.add(node)
             else:
                 unassigned.append(node)
         next_free = max(self.of.values(), default=-1) + 1

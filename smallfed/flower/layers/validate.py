@@ -2,12 +2,16 @@
 
 Flower's FedAvg raises on the first inconsistent reply and stops the run. Here:
 
+* :class:`AdmitReplies` lets in one reply per node sent a message this round, and
+  none larger than an update of this model and codec can be (checked on the sizes of
+  the arrays' bytes, before anything is copied or decoded);
 * :class:`ClientReports` reads what clients report about themselves: the epsilon
   their DP-SGD accountant has spent, and replies that decline to train (privacy
   budget spent, too little memory), which are counted and go no further;
 * :class:`ValidateReplies` counts failed replies (errors) and rejects replies whose
   records are not the one ArrayRecord and one MetricRecord of an update, or whose
-  ``num-examples`` is not a positive finite number;
+  ``num-examples`` is not a positive finite number, or more than the server knows
+  the client holds (its partition, in simulation);
 * :class:`Quorum`, just above the aggregating strategy, refuses a round with fewer than
   ``min-replies`` usable updates (the global model stays as it was) and trims the
   replies' metrics to the finite numbers every reply has.
@@ -18,7 +22,7 @@ What an update's arrays must hold depends on its codec: the decoding layer check
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import ERROR, INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -28,7 +32,15 @@ from flwr.supercore import log
 
 from smallfed.flower.layers.base import Layer
 from smallfed.flower.layers.sampling import Partitions
-from smallfed.flower.records import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
+from smallfed.flower.records import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    message_array_bytes,
+)
+
+# node id -> the most examples the server knows it holds, or None where it cannot know.
+KnownExamples = Callable[[int], int | None]
 
 
 def positive_number(value: object) -> bool:
@@ -112,11 +124,56 @@ class ClientReports(Layer):
         self.epsilons = {int(k): float(v) for k, v in state["epsilons"].items()}
 
 
-class ValidateReplies(Layer):
-    """Drops failed replies and updates that are not one ArrayRecord, one MetricRecord."""
+class AdmitReplies(Layer):
+    """One reply per node sent a message, none larger than an update can be."""
 
-    def __init__(self, strategy: Strategy) -> None:
+    def __init__(self, strategy: Strategy, max_reply_bytes: int) -> None:
         super().__init__(strategy)
+        self.max_reply_bytes = max_reply_bytes
+        self.rejected = 0
+        self._sent: set[int] = set()  # nodes sent a train message this round
+
+    def describe(self) -> str:
+        return f"one reply per node sent a message, at most {self.max_reply_bytes:,} bytes"
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.rejected = 0
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        self._sent = {m.metadata.dst_node_id for m in messages}
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        admitted, seen = [], set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            size = message_array_bytes(reply)  # the arrays' byte lengths: nothing copied
+            problem = ("it was sent no message this round" if node not in self._sent
+                       else "a second reply this round" if node in seen
+                       else f"{size:,} bytes, more than an update of this model and codec "
+                            f"({self.max_reply_bytes:,})" if size > self.max_reply_bytes
+                       else None)
+            seen.add(node)
+            if problem:
+                self.rejected += 1
+                reject(server_round, reply, problem)
+            else:
+                admitted.append(reply)
+        return self.strategy.aggregate_train(server_round, admitted)
+
+    def round_stats(self) -> dict[str, float]:
+        return {"rejected": self.rejected}
+
+
+class ValidateReplies(Layer):
+    """Drops failed replies, and updates that are not one ArrayRecord, one MetricRecord."""
+
+    def __init__(self, strategy: Strategy, known_examples: KnownExamples | None = None) -> None:
+        super().__init__(strategy)
+        self.known_examples = known_examples
         self.failed = self.rejected = 0
 
     def describe(self) -> str:
@@ -138,12 +195,20 @@ class ValidateReplies(Layer):
                 reason = (reply.error.reason or "no reason given").strip().splitlines()
                 log(WARNING, "Round %d: node %d failed: %s", server_round,
                     reply.metadata.src_node_id, reason[0] if reason else "no reason given")
-            elif problem := check_envelope(reply):
+            elif problem := check_envelope(reply) or self.check_examples(reply):
                 self.rejected += 1
                 reject(server_round, reply, problem)
             else:
                 good.append(reply)
         return self.strategy.aggregate_train(server_round, good)
+
+    def check_examples(self, reply: Message) -> str | None:
+        """Does the reply claim more examples than the server knows the client holds?"""
+        known = self.known_examples(reply.metadata.src_node_id) if self.known_examples else None
+        claimed = reply.content[METRICS_KEY][NUM_EXAMPLES_KEY]
+        if known is not None and claimed > known:
+            return f"claims {claimed:g} examples, its partition holds {known}"
+        return None
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
