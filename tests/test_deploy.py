@@ -141,9 +141,10 @@ class Processes:
     def __init__(self, env: dict[str, str], logs: Path) -> None:
         self.env, self.logs, self.started = env, logs, []
 
-    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+    def start(self, name: str, command: list[str], env: dict[str, str] | None = None
+              ) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
-        proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log,
+        proc = subprocess.Popen(command, cwd=ROOT, env=env or self.env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.started.append(proc)
         return proc
@@ -202,7 +203,7 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
                                                      certs["ca.crt"]))
         after_round(out, 3, run)
         stop_run(env, run)  # the operator stops the ServerApp mid-run ...
-        assert not (out / "results.json").exists()
+        assert len(json.loads((out / "results.json").read_text())["rounds"]) < 7
         # ... and starts it again; it waits for the stopped ServerApp (out-dir's lock),
         # which may still finish a round before it learns of the stop.
         resumed_log = resume(procs, config, tmp_path)
@@ -228,6 +229,74 @@ def test_tls_federation_with_node_auth(tmp_path: Path) -> None:
     assert "residuals live on the clients" in resumed_log
 
 
+# A hostile device: its own code (here, Python's sitecustomize hook in every process the
+# node starts) rewrites the replies the server's ClientApp built, as a modified app would.
+HOSTILE = """
+import numpy as np
+from flwr.app import Array, ArrayRecord
+from flwr.clientapp import ClientApp
+
+_honest = ClientApp.__call__
+
+
+def _hostile(self, message, context):
+    reply = _honest(self, message, context)
+    if message.metadata.message_type != "train" or reply.has_error():
+        return reply
+    server_round = int(message.content["config"]["server-round"])
+    sent, arrays = message.content["arrays"], reply.content["arrays"]
+    if server_round == 1:  # its update scaled by a million
+        reply.content["arrays"] = ArrayRecord({
+            k: Array(sent[k].numpy() + 1e6 * (a.numpy() - sent[k].numpy()))
+            for k, a in arrays.items()})
+    elif server_round == 2:  # a billion examples, for FedAvg's weights
+        reply.content["metrics"]["num-examples"] = 1e9
+    elif server_round == 3:  # 64 MiB more than any update
+        arrays["junk"] = Array(np.zeros(64 << 20, np.uint8))
+    return reply
+
+
+ClientApp.__call__ = _hostile
+"""
+
+
+def test_a_hostile_authenticated_node_is_bounded_and_named(tmp_path: Path) -> None:
+    """One of three registered SuperNodes sends a scaled update, then claims a billion
+    examples, then a 64 MiB reply: every round completes, its influence is bounded, and
+    the ServerApp's log names the node each time."""
+    certs, keys = federation_files(tmp_path, Config(num_clients=3, clients_per_round=3), 3)
+    port, out = free_port(), tmp_path / "results"
+    env = flwr_env(tmp_path / "flwr-home", port, certs["ca.crt"])
+    (tmp_path / "hostile").mkdir()
+    (tmp_path / "hostile" / "sitecustomize.py").write_text(HOSTILE)
+    procs = Processes(env, tmp_path)
+    config = f"num-server-rounds=3 num-clients=3 clients-per-round=3 out-dir='{out}'"
+    try:
+        start_superlink(procs, tmp_path, port)
+        for i, (private, public) in enumerate(keys):
+            register(env, public).check_returncode()
+            node_env = dict(env, PYTHONPATH=str(tmp_path / "hostile")) if i == 2 else None
+            procs.start(f"supernode{i}", edge_command(port, private, tmp_path / f"data{i}",
+                                                      certs["ca.crt"]), env=node_env)
+        run = procs.start("run", [str(BIN / "flwr"), "run", ".", "tls", "--stream",
+                                  "--run-config", config])
+        assert run.wait(timeout=600) == 0
+    finally:
+        procs.stop_all(str(tmp_path))
+    log = (tmp_path / "run.log").read_text()
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert rounds[1]["updates_clipped"] >= 1  # the scaled update, cut to the bound
+    assert rounds[3]["updates_rejected"] == 1 and rounds[3]["clients"] == 2
+    assert all(r["rolled_back"] == 0 for r in rounds)
+    assert rounds[-1]["accuracy"] > rounds[0]["accuracy"]
+    scaled = re.search(r"Round 1: the update of node (\d+) \(norm [^)]*\) scaled", log)
+    claimed = re.search(r"Round 2: node (\d+) claims 1e\+09 examples; counted as", log)
+    oversized = re.search(r"Round 3: rejected the update of node (\d+): 67,", log)
+    assert scaled and claimed and oversized, log[-4000:]
+    assert scaled.group(1) == claimed.group(1) == oversized.group(1)
+
+
 def test_a_killed_server_app_resumes(tmp_path: Path) -> None:
     """The ServerApp process dies (SIGKILL) after round 2: Flower marks the run failed,
     and a second `flwr run` with resume = true goes on from the last checkpoint."""
@@ -251,7 +320,7 @@ def test_a_killed_server_app_resumes(tmp_path: Path) -> None:
         assert len(server_apps) == 1
         os.kill(server_apps[0], signal.SIGKILL)
         run.wait(timeout=300)  # once Flower has noticed (about 45 s here)
-        assert not (out / "results.json").exists()
+        assert len(json.loads((out / "results.json").read_text())["rounds"]) < 5
         resumed_log = resume(procs, config, tmp_path)
     finally:
         procs.stop_all(str(tmp_path))
