@@ -297,6 +297,84 @@ def test_a_hostile_authenticated_node_is_bounded_and_named(tmp_path: Path) -> No
     assert scaled.group(1) == claimed.group(1) == oversized.group(1)
 
 
+# A slow device: its train handler says so in a file, then takes 60 s before training.
+SLOW = """
+import os, time
+from pathlib import Path
+from flwr.clientapp import ClientApp
+
+_honest = ClientApp.__call__
+
+
+def _slow(self, message, context):
+    if message.metadata.message_type == "train":
+        Path(os.environ["SMALLFED_TEST_MARKER"]).write_text("training")
+        time.sleep(60)
+    return _honest(self, message, context)
+
+
+ClientApp.__call__ = _slow
+"""
+
+
+def test_a_node_killed_while_training_and_a_superlink_restart(tmp_path: Path) -> None:
+    """Round 1: a SuperNode is killed while it trains; once it misses its heartbeats the
+    SuperLink answers for it with a "Node Unavailable" error (from node 1, the SuperLink
+    itself), and the round completes with the other two. After
+    round 2 the SuperLink is killed with the ServerApp it started; it starts again on
+    its database, and a second `flwr run` (resume = true) finishes the run from
+    smallfed's checkpoint."""
+    certs, keys = federation_files(tmp_path, Config(num_clients=3, clients_per_round=3), 3)
+    port, out = free_port(), tmp_path / "results"
+    env = flwr_env(tmp_path / "flwr-home", port, certs["ca.crt"])
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW)
+    marker = tmp_path / "training"
+    procs = Processes(env, tmp_path)
+    config = f"num-server-rounds=4 num-clients=3 clients-per-round=3 out-dir='{out}' resume=true"
+
+    def node(i: int, name: str, slow: bool = False) -> subprocess.Popen:
+        node_env = dict(env, PYTHONPATH=str(tmp_path / "slow"),
+                        SMALLFED_TEST_MARKER=str(marker)) if slow else None
+        return procs.start(name, edge_command(port, keys[i][0], tmp_path / f"data{i}",
+                                              certs["ca.crt"]), env=node_env)
+
+    try:
+        superlink = start_superlink(procs, tmp_path, port)
+        for i, (private, public) in enumerate(keys):
+            register(env, public).check_returncode()
+        slow = node(0, "supernode0", slow=True)
+        nodes = [node(1, "supernode1"), node(2, "supernode2")]
+        run = procs.start("run", [str(BIN / "flwr"), "run", ".", "tls", "--stream",
+                                  "--run-config", config])
+        deadline = time.monotonic() + 300
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), "the slow node never started training"
+        os.killpg(slow.pid, signal.SIGKILL)  # mid-training
+        after_round(out, 2, run)
+        for pid in descendants(superlink.pid):  # the SuperLink, and the ServerApp it ran
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        run.wait(timeout=120)
+        done_before = checkpointed(out)
+        start_superlink(procs, tmp_path, port)  # on the same superlink.db
+        alive = [n for n in nodes if n.poll() is None]
+        node(0, "supernode0-again")  # the resumed run's first round waits for all three
+        resumed_log = resume(procs, config, tmp_path)
+    finally:
+        procs.stop_all(str(tmp_path))
+    assert not pids_using(str(tmp_path))
+    rounds = json.loads((out / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+    assert (rounds[1]["clients"], rounds[1]["clients_failed"]) == (2, 1)
+    assert re.search(rf"resuming {out} after round {done_before} of 4", resumed_log)
+    assert len(alive) == 2  # the SuperNodes outlived the SuperLink and reconnected
+    assert all(r["clients"] >= 1 for r in rounds[1:])
+
+
 def test_a_killed_server_app_resumes(tmp_path: Path) -> None:
     """The ServerApp process dies (SIGKILL) after round 2: Flower marks the run failed,
     and a second `flwr run` with resume = true goes on from the last checkpoint."""

@@ -103,6 +103,12 @@ class Nodes(Grid):
 MODEL = {"w": np.zeros((2, 3), np.float32)}
 
 
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    """Messages take their run from the task identity an engine sets: the in-process one."""
+    InProcessGrid(ClientApp(), 1)
+
+
 def answer(ask: Message, content: RecordDict | None = None, error: Error | None = None
            ) -> Message:
     return Message(error, reply_to=ask) if error else Message(content, reply_to=ask)
@@ -422,3 +428,14 @@ def test_a_non_finite_aggregate_is_rolled_back_with_the_state_below() -> None:
     assert rollback.aggregate_train(2, [huge]) == (None, None)  # 10 x 3e38 overflows float32
     assert rollback.round_stats() == {"rolled_back": 1}
     assert np.array_equal(inner.momentum_vector[0], momentum[0])
+
+
+def test_the_superlinks_error_for_a_dead_node_is_counted_as_failed() -> None:
+    """Flower's "Node Unavailable" reply comes from the SuperLink, not the node sent to."""
+    inner = Tiny()
+    layers = AdmitReplies(ValidateReplies(inner), max_reply_bytes=1000)
+    ask = sent(layers)[0]
+    from_superlink = Message(Error(code=5, reason="Node Unavailable"), reply_to=Message(
+        RecordDict(), dst_node_id=1, message_type="train"))
+    layers.aggregate_train(1, [answer(ask, update(MODEL)), from_superlink])
+    assert stack_stats(layers) == {"rejected": 0, "failed": 1}

@@ -125,7 +125,11 @@ class ClientReports(Layer):
 
 
 class AdmitReplies(Layer):
-    """One reply per node sent a message, none larger than an update can be."""
+    """One update per node sent a message, none larger than an update can be.
+
+    Error replies pass: they carry nothing to aggregate, and the one Flower makes for a
+    node that stopped answering comes from the SuperLink (node 1), not from the node.
+    """
 
     def __init__(self, strategy: Strategy, max_reply_bytes: int) -> None:
         super().__init__(strategy)
@@ -149,6 +153,9 @@ class AdmitReplies(Layer):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         admitted, seen = [], set()
         for reply in replies:
+            if reply.has_error():  # no update in it; Flower's own come from the SuperLink
+                admitted.append(reply)
+                continue
             node = reply.metadata.src_node_id
             size = message_array_bytes(reply)  # the arrays' byte lengths: nothing copied
             problem = ("it was sent no message this round" if node not in self._sent
