@@ -84,7 +84,7 @@ def main() -> None:
         cfg = load_config(args.config, []).replace(num_server_rounds=args.rounds)
         cfg = cfg.from_mapping({**cfg.to_dict(), **POINTS[label]})
         run = Path(args.runs) / label.replace(" ", "").replace("+", "_")
-        results = simulate(cfg, run, progress=False)
+        results = simulate(cfg, run, progress=False, overwrite=True)
         dataset = federated_data(cfg).dataset
         images = (dataset.test_x[:500] * dataset.pixel_std + dataset.pixel_mean).numpy()
         row = {"rounds": args.rounds, "overrides": POINTS[label],

@@ -63,7 +63,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in args.models:
         cfg = base.replace(model=name)
-        run = simulate(cfg, RESULTS / f"mnist-{name}", progress=True)
+        run = simulate(cfg, RESULTS / f"mnist-{name}", progress=True, overwrite=True)
         fed = [r["accuracy"] for r in run["rounds"]]
         cen = centralized(cfg, args.epochs)
         report["models"][name] = {

@@ -82,7 +82,8 @@ def main() -> None:
     for backend in backends:
         with TemporaryDirectory() as out:
             results, seconds = timed(
-                lambda: simulate(cfg.replace(backend=backend), out, progress=False))
+                lambda: simulate(cfg.replace(backend=backend), out, progress=False,
+                                 overwrite=True))
         rows[f"smallfed simulate ({backend})"] = ([r["accuracy"] for r in results["rounds"]],
                                                   seconds)
 

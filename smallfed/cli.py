@@ -241,10 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--int8", action="store_true", help="int8 (onnxruntime static quantization)")
     export.add_argument("--output", required=True, help="the .onnx file to write")
     export.set_defaults(func=cmd_export)
-    pred = sub.add_parser("predict", help="classify images with an exported model (onnxruntime)")
+    pred = sub.add_parser("predict", help="classify images or feature rows with an exported "
+                          "model (onnxruntime)")
     pred.add_argument("--model", required=True, help="an .onnx file from `smallfed export`")
     pred.add_argument("--input", required=True,
-                      help="a folder of images or an .npy array (N, C, H, W) in [0, 1]")
+                      help="a folder of images, an .npy array (N, C, H, W) in [0, 1], or an "
+                      ".npy or .csv of (N, F) features for a tabular model")
     pred.add_argument("--output", help="CSV file (default: print)")
     pred.set_defaults(func=cmd_predict)
     sweep = sub.add_parser("sweep", help="run a grid of simulations (skips finished points)")
