@@ -66,7 +66,7 @@ def test_a_strategy_of_ones_own_runs_under_the_layers(tmp_path: Path) -> None:
     assert results["rounds"][-1]["accuracy"] > results["rounds"][0]["accuracy"]
 
 
-@register_stage("halve")
+@register_stage("halve-api")  # a name of its own: test_registries has a "halve" too
 class Halve(Stage):
     """A researcher's codec stage: sends every value halved, and doubles it back."""
 
@@ -85,13 +85,13 @@ def test_a_codec_stage_of_ones_own_crosses_the_wire(tmp_path: Path) -> None:
     plain = smallfed.simulate(out=tmp_path / "plain", num_server_rounds=2, num_clients=4,
                               clients_per_round=2, local_epochs=1, codec="fp16")
     halved = smallfed.simulate(out=tmp_path / "halved", num_server_rounds=2, num_clients=4,
-                               clients_per_round=2, local_epochs=1, codec="halve,fp16")
+                               clients_per_round=2, local_epochs=1, codec="halve-api,fp16")
     # The stage is in the header of every payload; x0.5, x2 and fp16 commute exactly.
     rounds = [(r["accuracy"], r["bytes_up"]) for r in plain["rounds"]]
-    other = [(r["accuracy"], r["bytes_up"] - 6 * r["clients"]) for r in halved["rounds"]]
-    assert rounds == other  # len("halve,") = 6 more header bytes per payload
+    other = [(r["accuracy"], r["bytes_up"] - 10 * r["clients"]) for r in halved["rounds"]]
+    assert rounds == other  # len("halve-api,") = 10 more header bytes per payload
     with pytest.raises(ConfigError, match="codec-down"):
-        smallfed.simulate(out=tmp_path / "down", codec_down="halve")
+        smallfed.simulate(out=tmp_path / "down", codec_down="halve-api")
 
 
 def test_objects_that_ray_cannot_import_are_refused_before_the_run(tmp_path: Path) -> None:
