@@ -29,7 +29,8 @@ from smallfed.flower.layers.validate import (
 )
 
 __all__ = [
-    "AdmitReplies", "BoundUpdates", "RollbackNonFinite", "ClientReports", "DecodeUpdates", "DeviceClock", "Layer", "PartitionSampling", "Partitions",
-    "ProjectModel", "Quorum", "RoundOffset", "ValidateReplies", "adopt", "build_strategy",
-    "find", "restore_stack", "stack", "stack_epsilon", "stack_state", "stack_stats",
+    "AdmitReplies", "BoundUpdates", "ClientReports", "DecodeUpdates", "DeviceClock", "Layer",
+    "PartitionSampling", "Partitions", "ProjectModel", "Quorum", "RollbackNonFinite",
+    "RoundOffset", "ValidateReplies", "adopt", "build_strategy", "find", "restore_stack",
+    "stack", "stack_epsilon", "stack_state", "stack_stats",
 ]

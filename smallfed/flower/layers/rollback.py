@@ -15,6 +15,7 @@ from logging import ERROR
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
 from smallfed.flower.layers.base import Layer, restore_stack, stack_state
@@ -24,7 +25,7 @@ from smallfed.flower.records import ARRAYS_KEY
 class RollbackNonFinite(Layer):
     """Undoes a round whose aggregate holds NaN or infinity, naming the largest replies."""
 
-    def __init__(self, strategy) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, strategy: Strategy) -> None:
         super().__init__(strategy)
         self.rolled_back = 0
 
