@@ -25,6 +25,7 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 
 from smallfed.config import Config, ConfigError
+from smallfed.flower.strategies import OBJECT_PREFIX
 
 ConfigLike = Config | Mapping[str, Any] | str | Path | None
 
@@ -32,7 +33,7 @@ ConfigLike = Config | Mapping[str, Any] | str | Path | None
 def simulate(  # pylint: disable=too-many-arguments
     config: ConfigLike = None, *, out: str | Path, model: Callable[..., Any] | str | None = None,
     dataset: Any = None, strategy: Strategy | str | None = None, progress: bool = False,
-    overwrite: bool = False, **changes: Any,
+    overwrite: bool = False, resume: bool = False, **changes: Any,
 ) -> dict[str, Any]:
     """Run a simulation; return results.json's content (also written to ``out``).
 
@@ -62,9 +63,10 @@ def simulate(  # pylint: disable=too-many-arguments
         if not isinstance(strategy, Strategy):
             raise ConfigError(f"strategy: {type(strategy).__name__} is not a Flower "
                               "flwr.serverapp.strategy.Strategy")
-        values["strategy"] = f"{type(strategy).__module__}:{type(strategy).__qualname__}"
+        values["strategy"] = (f"{OBJECT_PREFIX}{type(strategy).__module__}:"
+                              f"{type(strategy).__qualname__}")
     cfg = Config.from_mapping({**cfg.to_dict(), **values})
-    return run(cfg, out, progress=progress, overwrite=overwrite, inner=strategy)
+    return run(cfg, out, progress=progress, resume=resume, overwrite=overwrite, inner=strategy)
 
 
 def as_config(config: ConfigLike) -> Config:

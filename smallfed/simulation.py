@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,14 +19,14 @@ from flwr.app import Message, MessageType
 from flwr.serverapp.strategy import Strategy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from smallfed.config import Config, ConfigError
+from smallfed.config import Config
 from smallfed.data import check_data_config
-from smallfed.flower.checkpoint import CHECKPOINT_DIR, check_resumable, out_dir_lock
+from smallfed.flower.checkpoint import check_resumable, out_dir_lock
 from smallfed.flower.checkpoint import load as load_checkpoint
 from smallfed.flower.checkpoint import require as require_checkpoint
 from smallfed.flower.client import build_client_app
 from smallfed.flower.inprocess import InProcessGrid
-from smallfed.flower.server import RoundHook, build_server_app
+from smallfed.flower.server import RoundHook, build_server_app, refuse_finished
 from smallfed.privacy import check_privacy_config
 from smallfed.report.results import RoundRecord
 
@@ -87,24 +86,6 @@ def simulate(  # pylint: disable=too-many-arguments
         if not resume:
             refuse_finished(out, overwrite)
         return _simulate(cfg, out, progress, resume, on_round, inner)
-
-
-def refuse_finished(out: Path, overwrite: bool) -> None:
-    """ConfigError if ``out`` holds another run's results, unless they may be replaced.
-
-    Checked while the folder's lock is held, so of two runs started into one folder the
-    second refuses instead of overwriting the first.
-    """
-    found = [name for name in ("results.json", CHECKPOINT_DIR) if (out / name).exists()]
-    if not found:
-        return
-    if not overwrite:
-        raise ConfigError(
-            f"{out} already holds a run ({', '.join(found)}); choose another --out, go on "
-            f"with --resume {out}, or replace it with --overwrite")
-    for name in ("results.json", "rounds.csv", "clients.csv"):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def _simulate(

@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 
 import smallfed
 from smallfed.codec import Stage, TensorCode, register_stage
-from smallfed.config import ConfigError
+from smallfed.config import Config, ConfigError
 from smallfed.flower.strategies import NO_SAMPLING
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,8 @@ def test_a_strategy_of_ones_own_runs_under_the_layers(tmp_path: Path) -> None:
                                 codec="topk:0.5,fp16")
     assert mine.rounds == [1, 2] and mine.replies == [3, 3]  # decoded models, not payloads
     assert results["config"]["strategy"].endswith("test_api:CountingFedAvg")
+    with pytest.raises(ConfigError, match="strategy=<that object>, resume=True"):
+        smallfed.simulate(Config.from_mapping(results["config"]), out=tmp_path, resume=True)
     assert results["rounds"][-1]["accuracy"] > results["rounds"][0]["accuracy"]
 
 
@@ -100,9 +102,19 @@ def test_objects_that_ray_cannot_import_are_refused_before_the_run(tmp_path: Pat
     assert not any(tmp_path.iterdir())
 
 
+@pytest.fixture
+def clean_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plugin's registration and import path end with the test."""
+    from smallfed.flower import strategies
+
+    monkeypatch.setattr(strategies, "STRATEGIES", dict(strategies.STRATEGIES))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
 def test_plugins_register_before_the_configuration_is_checked(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_registry: None) -> None:
     """A strategy registered in the user's module is known wherever the Config is built."""
+    monkeypatch.delitem(sys.modules, "my_plugin", raising=False)
     (tmp_path / "my_plugin.py").write_text(
         "from flwr.serverapp.strategy import FedMedian\n"
         "from smallfed.flower.strategies import NO_SAMPLING, register_strategy\n\n"

@@ -135,8 +135,10 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
 
     @app.query()
     def handle_query(msg: Message, context: Context) -> Message:
-        """Tell the server which partition this node holds (-1 on a device without one)."""
-        metrics = MetricRecord({"partition-id": partition_id(context)})
+        """Tell the server which partition this node trains on: -1 on a device, which trains on
+        its own data folder (the server then checks no example count against its split)."""
+        place = -1 if context.node_config.get("data-dir") else partition_id(context)
+        metrics = MetricRecord({"partition-id": place})
         return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
     return app

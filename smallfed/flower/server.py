@@ -7,6 +7,7 @@ metered Grid, and its row recorded.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from flwr.supercore import log
 
 from flwr.serverapp.strategy import Strategy
 
-from smallfed.config import Config
+from smallfed.config import Config, ConfigError
 from smallfed.data import FederatedData, federated_data
 from smallfed.flower.checkpoint import CHECKPOINT_DIR, Checkpoint, check_resumable, out_dir_lock
 from smallfed.flower.checkpoint import load as load_checkpoint
@@ -88,7 +89,27 @@ def run_server(  # pylint: disable=too-many-arguments
             else:
                 log(INFO, "smallfed: resume = true, but %s has no checkpoint; starting afresh",
                     out)
+        if resume is None:  # `smallfed simulate --overwrite` has emptied it already
+            refuse_finished(out, overwrite=False)
         return _run(grid, cfg, data, out, on_round, resume, node_states, inner)
+
+
+def refuse_finished(out: Path, overwrite: bool) -> None:
+    """ConfigError if ``out`` holds another run's results, unless they may be replaced.
+
+    Checked while the folder's lock is held, so of two runs started into one folder the
+    second refuses instead of overwriting the first.
+    """
+    found = [name for name in ("results.json", CHECKPOINT_DIR) if (out / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{out} already holds a run ({', '.join(found)}); choose another --out, go on "
+            f"with --resume {out}, or replace it with --overwrite")
+    for name in ("results.json", "rounds.csv", "clients.csv"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
 
 
 @dataclass
@@ -109,8 +130,9 @@ class RoundStats:
 
 
 def round_stats(strategy: Strategy) -> RoundStats:
-    counts = stack_stats(strategy)
-    stats = RoundStats(**{k: int(v) for k, v in counts.items() if k != "sim_time_s"})
+    counts = stack_stats(strategy)  # a layer of one's own may count more: kept in the log
+    known = set(RoundStats.__dataclass_fields__) - {"sim_time_s"}
+    stats = RoundStats(**{k: int(v) for k, v in counts.items() if k in known})
     stats.sim_time_s = counts.get("sim_time_s")
     return stats
 

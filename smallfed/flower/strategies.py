@@ -60,6 +60,7 @@ class StrategyEntry:
     doc: str
     user_dp: bool = False  # may run under privacy = "user"
     min_replies: Callable[[Config], int] | None = None  # fewest replies it can aggregate
+    metrics: tuple[str, ...] = ()  # reply metrics it needs, each finite and >= 0
 
 
 STRATEGIES: dict[str, StrategyEntry] = {}
@@ -67,13 +68,15 @@ STRATEGIES: dict[str, StrategyEntry] = {}
 
 def register_strategy(
     name: str, doc: str = "", *, user_dp: bool = False,
-    min_replies: Callable[[Config], int] | None = None,
+    min_replies: Callable[[Config], int] | None = None, metrics: tuple[str, ...] = (),
 ) -> Callable[[StrategyFactory], StrategyFactory]:
-    """Add a strategy factory ``(cfg) -> Strategy`` under ``name``."""
+    """Add a strategy factory ``(cfg) -> Strategy`` under ``name`` (a name not taken)."""
+    if name in STRATEGIES or ":" in name:
+        raise ValueError(f"strategy name {name!r}: taken, or holds ':'; choose another")
 
     def add(factory: StrategyFactory) -> StrategyFactory:
         STRATEGIES[name] = StrategyEntry(name, factory, doc or (factory.__doc__ or "").strip(),
-                                         user_dp, min_replies)
+                                         user_dp, min_replies, metrics)
         return factory
 
     return add
@@ -114,6 +117,14 @@ def fewest_replies(cfg: Config) -> int:
     return max(cfg.min_replies, need)
 
 
+OBJECT_PREFIX = "object:"  # the strategy value of a run given a strategy object
+
+
+def required_metrics(cfg: Config) -> tuple[str, ...]:
+    """The reply metrics ``cfg.strategy`` needs (each finite and >= 0)."""
+    return STRATEGIES[cfg.strategy].metrics if cfg.strategy in STRATEGIES else ()
+
+
 def make_inner_strategy(cfg: Config) -> Strategy:
     """The strategy ``cfg.strategy`` names; it sees only the nodes the layers sampled.
 
@@ -122,6 +133,11 @@ def make_inner_strategy(cfg: Config) -> Strategy:
     """
     if ":" not in cfg.strategy:
         return strategy_entry(cfg.strategy).factory(cfg)
+    if cfg.strategy.startswith(OBJECT_PREFIX):
+        raise ConfigError(
+            f"strategy: this run's strategy was a Python object ({cfg.strategy[len(OBJECT_PREFIX):]}) "
+            "given to smallfed.simulate; go on with smallfed.simulate(..., strategy=<that "
+            "object>, resume=True), not from the command line")
     from smallfed.plugins import load_object
 
     strategy = load_object(cfg.strategy, what="strategy")(cfg)
@@ -197,7 +213,7 @@ def bulyan(cfg: Config) -> Strategy:
 
 
 @register_strategy("qfedavg", "q-FedAvg: fairer accuracy across clients (q = qfed-q; the "
-                   "client learning rate is lr).")
+                   "client learning rate is lr).", metrics=("train-loss",))
 def qfedavg(cfg: Config) -> Strategy:
     return QFedAvg(**NO_SAMPLING, client_learning_rate=cfg.lr, q=cfg.qfed_q,
                    train_loss_key="train-loss")

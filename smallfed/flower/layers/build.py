@@ -19,7 +19,7 @@ from smallfed.flower.layers.validate import (
     Quorum,
     ValidateReplies,
 )
-from smallfed.flower.strategies import fewest_replies, make_inner_strategy
+from smallfed.flower.strategies import fewest_replies, make_inner_strategy, required_metrics
 
 
 def build_strategy(  # pylint: disable=too-many-arguments
@@ -78,7 +78,9 @@ def build_strategy(  # pylint: disable=too-many-arguments
                                 max_examples=cfg.max_examples, known_examples=known_examples)
     strategy = DecodeUpdates(strategy, seed=cfg.seed, codec_up=parse_codec(cfg.codec),
                              codec_down=parse_codec(cfg.codec_down))
-    strategy = ClientReports(ValidateReplies(strategy, known_examples), partitions)
+    strategy = ClientReports(
+        ValidateReplies(strategy, known_examples, required_metrics(cfg)), partitions,
+        note_epsilons=cfg.privacy == "sample")
     if cfg.devices:
         from smallfed.devices import RoundClock, training_flops_per_sample
 

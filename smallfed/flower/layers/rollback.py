@@ -10,6 +10,7 @@ would otherwise keep the infinity), and the log names the largest replies.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from logging import ERROR
 
@@ -18,7 +19,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from smallfed.flower.layers.base import Layer, restore_stack, stack_state
+from smallfed.flower.layers.base import Layer, stack
 from smallfed.flower.records import ARRAYS_KEY
 
 
@@ -36,12 +37,14 @@ class RollbackNonFinite(Layer):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        before = stack_state(self.strategy)  # the arrays are replaced, not changed in place
+        before = snapshot(self.strategy)
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is None or all(np.isfinite(a.numpy()).all() for a in arrays.values()):
             self.rolled_back = 0
             return arrays, metrics
-        restore_stack(self.strategy, before)
+        for part, saved in before:
+            vars(part).clear()
+            vars(part).update(saved)
         self.rolled_back = 1
         largest = sorted(replies, key=_largest_value, reverse=True)[:3]
         log(ERROR, "Round %d rolled back: the aggregate holds NaN or infinity; the model stays "
@@ -52,6 +55,14 @@ class RollbackNonFinite(Layer):
 
     def round_stats(self) -> dict[str, float]:
         return {"rolled_back": self.rolled_back}
+
+
+def snapshot(strategy: Strategy) -> list[tuple[Strategy, dict]]:
+    """Every attribute of every strategy below, copied (a layer's link to the next one is
+    kept as it is): attributes that were None before the round (FedAvgM's momentum in
+    round 1) come back as None."""
+    return [(part, {k: v if k == "strategy" and isinstance(part, Layer) else copy.deepcopy(v)
+                    for k, v in vars(part).items()}) for part in stack(strategy)]
 
 
 def _largest_value(reply: Message) -> float:

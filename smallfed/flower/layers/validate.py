@@ -54,25 +54,32 @@ def reject(server_round: int, reply: Message, problem: str) -> None:
 
 
 def keep_common_metrics(replies: list[Message]) -> None:
-    """Reduce each reply's metrics to the finite numbers every reply has.
+    """Reduce each reply's metrics to the keys whose value is a finite number in every reply.
 
     Flower's FedAvg raises (and stops the run) when replies carry different metric
     keys or lists of different lengths; one odd client must not do that.
     """
     records = [r.content[METRICS_KEY] for r in replies]
-    common = set.intersection(*(set(m) for m in records)) if records else set()
+    common = set.intersection(*({k for k, v in m.items() if finite_number(v)}
+                                for m in records)) if records else set()
     for reply, metrics in zip(replies, records):
-        reply.content[METRICS_KEY] = MetricRecord({
-            k: v for k, v in metrics.items()
-            if k in common and isinstance(v, (int, float)) and math.isfinite(v)})
+        reply.content[METRICS_KEY] = MetricRecord({k: metrics[k] for k in common})
+
+
+def finite_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class ClientReports(Layer):
     """Notes each client's reported epsilon; replies that decline to train stop here."""
 
-    def __init__(self, strategy: Strategy, partitions: Partitions | None = None) -> None:
+    def __init__(self, strategy: Strategy, partitions: Partitions | None = None,
+                 note_epsilons: bool = True) -> None:
+        """``note_epsilons``: only under sample-level DP do clients spend privacy; under
+        user-level DP the server's own accountant is the only one."""
         super().__init__(strategy)
         self.partitions = partitions
+        self.note_epsilons = note_epsilons
         self.epsilons: dict[int, float] = {}  # partition id -> the epsilon it last reported
         self.declined = 0
 
@@ -96,7 +103,8 @@ class ClientReports(Layer):
             return False
         metrics = reply.content.metric_records[METRICS_KEY]
         node = reply.metadata.src_node_id
-        if isinstance(metrics.get("epsilon"), (int, float)):
+        value = metrics.get("epsilon")
+        if self.note_epsilons and finite_number(value) and value >= 0:
             place = self.partitions.of.get(node, node) if self.partitions else node
             self.epsilons[place] = float(metrics["epsilon"])
         if not metrics.get("declined"):
@@ -178,9 +186,13 @@ class AdmitReplies(Layer):
 class ValidateReplies(Layer):
     """Drops failed replies, and updates that are not one ArrayRecord, one MetricRecord."""
 
-    def __init__(self, strategy: Strategy, known_examples: KnownExamples | None = None) -> None:
+    def __init__(self, strategy: Strategy, known_examples: KnownExamples | None = None,
+                 required_metrics: tuple[str, ...] = ()) -> None:
+        """``required_metrics``: metrics the strategy below needs, finite and >= 0 (q-FedAvg's
+        train-loss)."""
         super().__init__(strategy)
         self.known_examples = known_examples
+        self.required_metrics = required_metrics
         self.failed = self.rejected = 0
 
     def describe(self) -> str:
@@ -202,12 +214,21 @@ class ValidateReplies(Layer):
                 reason = (reply.error.reason or "no reason given").strip().splitlines()
                 log(WARNING, "Round %d: node %d failed: %s", server_round,
                     reply.metadata.src_node_id, reason[0] if reason else "no reason given")
-            elif problem := check_envelope(reply) or self.check_examples(reply):
+            elif problem := (check_envelope(reply) or self.check_examples(reply)
+                             or self.check_required(reply)):
                 self.rejected += 1
                 reject(server_round, reply, problem)
             else:
                 good.append(reply)
         return self.strategy.aggregate_train(server_round, good)
+
+    def check_required(self, reply: Message) -> str | None:
+        metrics = reply.content[METRICS_KEY]
+        for name in self.required_metrics:
+            value = metrics.get(name)
+            if not (finite_number(value) and value >= 0):
+                return f"the strategy needs '{name}', a finite number >= 0; got {value!r}"
+        return None
 
     def check_examples(self, reply: Message) -> str | None:
         """Does the reply claim more examples than the server knows the client holds?"""
@@ -220,10 +241,28 @@ class ValidateReplies(Layer):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        good = [r for r in replies if not r.has_error() and positive_number(
-            r.content.metric_records.get(METRICS_KEY, {}).get(NUM_EXAMPLES_KEY))]
+        """Evaluation replies: one MetricRecord of finite numbers, no arrays, an example
+        count the server can believe; what Flower's aggregation raises ends the round's
+        evaluation, not the run."""
+        good = [r for r in replies if not r.has_error() and not self.check_evaluation(r)]
         keep_common_metrics(good)
-        return self.strategy.aggregate_evaluate(server_round, good) if good else None
+        if not good:
+            return None
+        try:
+            return self.strategy.aggregate_evaluate(server_round, good)
+        except Exception as err:  # pylint: disable=broad-exception-caught
+            log(ERROR, "Round %d: federated evaluation not aggregated (%s: %s)", server_round,
+                type(err).__name__, err)
+            return None
+
+    def check_evaluation(self, reply: Message) -> str | None:
+        content = reply.content
+        if content.array_records or set(content.metric_records) != {METRICS_KEY}:
+            return f"expected one MetricRecord '{METRICS_KEY}', got {list(content.keys())}"
+        weight = content[METRICS_KEY].get(NUM_EXAMPLES_KEY)
+        if not positive_number(weight):
+            return f"'{NUM_EXAMPLES_KEY}' must be a positive finite number, got {weight!r}"
+        return self.check_examples(reply)
 
     def round_stats(self) -> dict[str, float]:
         return {"failed": self.failed, "rejected": self.rejected}
@@ -236,6 +275,8 @@ def check_envelope(reply: Message) -> str | None:
             METRICS_KEY}:
         return (f"expected one ArrayRecord '{ARRAYS_KEY}' and one MetricRecord "
                 f"'{METRICS_KEY}', got {list(content.keys())}")
+    if content.config_records:
+        return f"an update carries no ConfigRecord, got {list(content.config_records)}"
     weight = content[METRICS_KEY].get(NUM_EXAMPLES_KEY)
     if not positive_number(weight):
         return f"'{NUM_EXAMPLES_KEY}' must be a positive finite number, got {weight!r}"
@@ -268,8 +309,15 @@ class Quorum(Layer):
                 "model stays as it was", server_round, len(replies), self.min_replies)
             return None, None
         keep_common_metrics(replies)
+        try:
+            result = self.strategy.aggregate_train(server_round, replies)
+        except Exception as err:  # pylint: disable=broad-exception-caught
+            # Whatever a strategy raises on replies it cannot use must not end the run.
+            log(ERROR, "Round %d failed: the strategy could not aggregate (%s: %s); the "
+                "global model stays as it was", server_round, type(err).__name__, err)
+            return None, None
         self.aggregated = len(replies)
-        return self.strategy.aggregate_train(server_round, replies)
+        return result
 
     def round_stats(self) -> dict[str, float]:
         return {"aggregated": self.aggregated}
