@@ -375,39 +375,6 @@ def test_a_node_killed_while_training_and_a_superlink_restart(tmp_path: Path) ->
     assert all(r["clients"] >= 1 for r in rounds[1:])
 
 
-def test_a_killed_server_app_resumes(tmp_path: Path) -> None:
-    """The ServerApp process dies (SIGKILL) after round 2: Flower marks the run failed,
-    and a second `flwr run` with resume = true goes on from the last checkpoint."""
-    certs, keys = federation_files(tmp_path, Config(num_clients=2, clients_per_round=2), 2)
-    port, out = free_port(), tmp_path / "results"
-    env = flwr_env(tmp_path / "flwr-home", port, certs["ca.crt"])
-    procs = Processes(env, tmp_path)
-    config = (f"num-server-rounds=4 num-clients=2 clients-per-round=2 out-dir='{out}' "
-              "codec='topk:0.1,quantize:4' resume=true")
-    try:
-        superlink = start_superlink(procs, tmp_path, port)
-        for i, (private, public) in enumerate(keys):
-            register(env, public).check_returncode()
-            procs.start(f"supernode{i}", edge_command(port, private, tmp_path / f"data{i}",
-                                                      certs["ca.crt"]))
-        run = procs.start("run", [str(BIN / "flwr"), "run", ".", "tls", "--stream",
-                                  "--run-config", config])
-        after_round(out, 2, run)
-        server_apps = [pid for pid in descendants(superlink.pid)
-                       if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        assert len(server_apps) == 1
-        os.kill(server_apps[0], signal.SIGKILL)
-        run.wait(timeout=300)  # once Flower has noticed (about 45 s here)
-        assert len(json.loads((out / "results.json").read_text())["rounds"]) < 5
-        resumed_log = resume(procs, config, tmp_path)
-    finally:
-        procs.stop_all(str(tmp_path))
-    assert not pids_using(str(tmp_path))
-    rounds = json.loads((out / "results.json").read_text())["rounds"]
-    assert [(r["round"], r["clients"]) for r in rounds] == [(0, 0)] + [(k, 2) for k in range(1, 5)]
-    assert re.search(rf"resuming {out} after round [23] of 4", resumed_log)
-
-
 def test_no_training_sample_leaves_a_client(tmp_path: Path) -> None:
     """Everything clients send: only the encoded update (or the model) and metrics."""
     from smallfed.flower.client import build_client_app
