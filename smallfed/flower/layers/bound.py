@@ -20,7 +20,6 @@ this layer is not in the stack.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Iterable
 from logging import INFO
@@ -33,6 +32,7 @@ from flwr.supercore import log
 
 from smallfed.flower.layers.base import Layer
 from smallfed.flower.layers.validate import KnownExamples
+from smallfed.privacy.user_dp import l2_norm  # the DP clip's norm: one definition
 from smallfed.flower.records import (
     ARRAYS_KEY,
     METRICS_KEY,
@@ -42,10 +42,6 @@ from smallfed.flower.records import (
 )
 
 MEDIAN_CLAIMS = 4.0  # an unknown client may claim at most this many times the median
-
-
-def l2_norm(update: dict[str, np.ndarray]) -> float:
-    return math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values()))
 
 
 class BoundUpdates(Layer):
