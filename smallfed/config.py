@@ -234,10 +234,10 @@ class Config:
         0.0, "Adaptive clipping: noise on the unclipped count (0: expected clients / 20).", ge=0)
     dp_secure_rng: bool = _key(
         False,
-        "privacy = sample: Opacus's secure mode (a cryptographically secure generator for "
-        "noise and sampling; needs the torchcsprng package). Off by default: the noise "
-        "still comes from fresh OS entropy (unless dp-reproducible), drawn with torch's "
-        "non-cryptographic generator.",
+        "Secure mode, both levels: DP noise and DP sampling from the OS's cryptographically "
+        "secure generator, the noise a discrete Gaussian on a fixed grid (no floating-point "
+        "attack on the sampler; see README 'Privacy: who is trusted'). Slower. Off: fresh "
+        "OS entropy seeds numpy's and torch's fast, non-cryptographic generators.",
     )
     dp_reproducible: bool = _key(
         False,
@@ -247,6 +247,12 @@ class Config:
     )
     dp_accountant: str = _key(
         "prv", "Opacus accountant: prv (tightest), rdp or gdp.", choices=("prv", "rdp", "gdp"))
+    dp_publish_sample: bool = _key(
+        False,
+        "privacy = user: write clients.csv (which clients each round's secret Poisson "
+        "sample drew, and their timings). For research only: amplification by sampling "
+        "assumes the sample stays secret, so publishing it voids the reported epsilon.",
+    )
 
     # --- running ------------------------------------------------------------
     plugins: str = _key(
@@ -297,6 +303,16 @@ class Config:
                     "share-weights: the shared values are fine-tuned with summed gradients, "
                     "which DP-SGD's per-sample clipping and QAT's fake quantization replace; "
                     "set privacy != 'sample' and qat-rounds = 0, or share-weights = 0")
+        if self.privacy == "sample" and self.fraction_evaluate > 0:
+            raise ConfigError(
+                f"fraction-evaluate: {self.fraction_evaluate} asks private clients for loss and "
+                "accuracy on their own data, which DP-SGD does not noise and the accountant "
+                "does not count; set fraction-evaluate = 0 (the server always evaluates on "
+                "its held-out set)")
+        if self.dp_secure_rng and self.dp_reproducible:
+            raise ConfigError(
+                "dp-secure-rng: secure mode draws noise no seed can repeat, and dp-reproducible "
+                "draws it from the run's seed; set one of them to false")
         if self.qat_rounds and self.privacy == "sample":
             raise ConfigError("qat-rounds: quantization-aware training cannot run under "
                               "DP-SGD (Opacus's per-sample gradients need plain Conv/Linear "

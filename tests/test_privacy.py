@@ -105,7 +105,6 @@ def batchnorm_model(input_shape: tuple, num_classes: int) -> nn.Module:
     [
         ({"model": "tests.test_privacy:batchnorm_model"}, "model: cannot train under DP"),
         ({"dp_noise": 0.0}, "dp-noise: 0 adds no noise"),
-        ({"dp_secure_rng": True}, "dp-secure-rng: Opacus's secure mode needs the torchcsprng"),
     ],
 )
 def test_impossible_private_settings_fail_before_the_run(changes: dict, message: str) -> None:
@@ -117,7 +116,13 @@ def test_impossible_private_settings_fail_before_the_run(changes: dict, message:
 def test_bad_privacy_keys() -> None:
     for values, message in [({"dp-delta": 1.0}, "dp-delta"), ({"dp-clip": 0}, "dp-clip"),
                             ({"dp-noise": -1}, "dp-noise"), ({"privacy": "local"}, "privacy"),
-                            ({"dp-clip-quantile": 1.5}, "dp-clip-quantile")]:
+                            ({"dp-clip-quantile": 1.5}, "dp-clip-quantile"),
+                            ({"dp-secure-rng": True, "dp-reproducible": True},
+                             "dp-secure-rng: secure mode draws noise no seed can repeat"),
+                            ({"privacy": "sample", "fraction-evaluate": 0.5},
+                             "fraction-evaluate: 0.5 asks private clients"),
+                            ({"privacy": "sample", "strategy": "qfedavg"},
+                             "strategy: qfedavg needs the clients' train-loss")]:
         with pytest.raises(ConfigError, match=message):
             Config.from_mapping(values)
 

@@ -36,6 +36,8 @@ from smallfed.flower.records import (
     model_to_record,
 )
 from smallfed.models import build_model
+from smallfed.privacy.floor import DeviceFloor
+from smallfed.privacy.ledger import Ledger, LedgerError
 from smallfed.training import CLIENT_THREADS, client_generator, evaluate, torch_threads, train
 
 
@@ -55,9 +57,10 @@ def check_data(msg: Message, x: torch.Tensor, y: torch.Tensor) -> None:
     if tuple(x.shape[1:]) != input_shape:
         raise ValueError(f"this node's samples have shape {tuple(x.shape[1:])}, the model "
                          f"takes {input_shape}: preprocess data.npz like the server's dataset")
+    # The message names no label this node holds: the server must not learn them.
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"this node's labels run from {int(y.min())} to {int(y.max())}, the "
-                         f"model has {num_classes} classes (0 to {num_classes - 1})")
+        raise ValueError(f"this node has labels outside 0 to {num_classes - 1}, the classes "
+                         "of the model: relabel data.npz like the server's dataset")
 
 
 def partition_id(context: Context) -> int:
@@ -98,6 +101,9 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
     @app.train(mods=[make_codec_mod(chains)])
     def handle_train(msg: Message, context: Context) -> Message:
         config = config_of(context)
+        floor = DeviceFloor.of(context.node_config)
+        if floor is not None and config.privacy != "sample":
+            return decline(msg, floor.refusal(config, [], (0.0, 1.0, 1)))
         model = load_record(fresh_model(config, msg), msg.content[ARRAYS_KEY])
         x, y = client_data(config, context)
         check_data(msg, x, y)
@@ -107,7 +113,7 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         if refusal:
             return decline(msg, refusal)
         if config.privacy == "sample":  # user-level DP is the server's work
-            return train_with_dp(msg, context, config, model, x, y, server_round, masks)
+            return train_with_dp(msg, context, config, model, x, y, server_round, masks, floor)
         mu = float(msg.content["config"].get("proximal-mu", 0.0))
         gen = client_generator(config.seed, server_round, client_key(context))
         shared = []
@@ -124,6 +130,13 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
     @app.evaluate()
     def handle_evaluate(msg: Message, context: Context) -> Message:
         config = config_of(context)
+        if config.privacy == "sample" or DeviceFloor.of(context.node_config) is not None:
+            # Evaluation metrics are data-dependent and not noised: nothing the accountant
+            # counts may be released, so a private client never evaluates (the server
+            # refuses such configs; this is the device's own line).
+            raise ValueError("this node's data is private (sample-level DP or its own privacy "
+                             "floor): it does not evaluate, since its metrics would leave "
+                             "unaccounted; set fraction-evaluate = 0")
         model = load_record(fresh_model(config, msg), msg.content[ARRAYS_KEY])
         x, y = client_data(config, context)
         check_data(msg, x, y)
@@ -142,9 +155,6 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
     return app
-
-
-DP_HISTORY_KEY = "smallfed-dp-history"
 
 
 def decline(msg: Message, reason: str, **metrics: float) -> Message:
@@ -173,30 +183,60 @@ def memory_refusal(config: Config, context: Context, model: torch.nn.Module,
             " MiB; use a smaller model or batch")
 
 
-def train_with_dp(
+def public_records(context: Context, num_examples: int) -> int:
+    """The record count DP-SGD is planned for, one the server may know.
+
+    In simulation, the partition's size: the server's own split assigned it. On a device,
+    its node config's ``dp-records``, else its count rounded up to a power of two, so
+    the server learns at most the order of magnitude.
+    """
+    declared = context.node_config.get("dp-records")
+    if declared is not None:
+        value = int(declared)  # type: ignore[arg-type]
+        if value <= 0:
+            raise ValueError(f"node config dp-records = {declared!r}: must be a positive count")
+        return value
+    if context.node_config.get("data-dir"):
+        return 1 << max(0, num_examples - 1).bit_length()
+    return num_examples
+
+
+def train_with_dp(  # pylint: disable=too-many-arguments
     msg: Message, context: Context, config: Config, model: torch.nn.Module,
     x: torch.Tensor, y: torch.Tensor, server_round: int, masks: Masks,
+    floor: DeviceFloor | None,
 ) -> Message:
-    """A DP-SGD round whose accountant history persists in the node's Context.state."""
-    # Imported here: opacus costs a device about 115 MB resident, and only DP-SGD needs it.
-    from smallfed.privacy.local_dp import train_private  # pylint: disable=import-outside-toplevel
+    """A DP-SGD round, recorded in the device's ledger before the update leaves.
 
-    saved = context.state.get(DP_HISTORY_KEY)
-    history = [] if saved is None else list(zip(
-        saved["noise"], saved["rate"], [int(s) for s in saved["steps"]]))
+    The reply holds the noised model and only numbers the server can work out from public
+    settings: the planned record count, the mechanism, and the ledger's epsilon. No
+    training loss, no true count (see README, "Privacy: who is trusted").
+    """
+    # Imported here: opacus costs a device about 115 MB resident, and only DP-SGD needs it.
+    # pylint: disable=import-outside-toplevel
+    from smallfed.privacy.local_dp import epsilon_of, planned_step, train_private
+
+    try:
+        ledger = Ledger.open(context)
+    except LedgerError as err:
+        return decline(msg, str(err))
+    records = public_records(context, len(y))
+    step = planned_step(config, records)
+    if floor is not None and (reason := floor.refusal(config, ledger.history, step)):
+        return decline(msg, reason, epsilon=epsilon_of(config, ledger.history))
     # The noise must be secret: OS entropy, unless the run asks to be reproducible.
     seed = secrets.randbits(63) if not config.dp_reproducible else int(np.random.SeedSequence(
         [config.seed, server_round, client_key(context) + 1, 7]).generate_state(1)[0])
     with torch_threads(CLIENT_THREADS), masked_training(model, masks):
-        outcome = train_private(model, x, y, config, seed, history, masks)
-    noise, rate, steps = zip(*outcome.history) if outcome.history else ((), (), ())
-    context.state[DP_HISTORY_KEY] = ConfigRecord(
-        {"noise": list(noise), "rate": list(rate), "steps": list(steps)})
+        outcome = train_private(model, x, y, config, seed, ledger.history, masks,
+                                records=records)
     if outcome.result is None:
         return decline(msg, outcome.declined_reason, epsilon=outcome.epsilon)
+    ledger.add(context, step, run_id=msg.metadata.run_id)
     metrics = MetricRecord({
-        "train-loss": outcome.result.loss, NUM_EXAMPLES_KEY: outcome.result.num_examples,
-        "epsilon": outcome.epsilon, "noise-multiplier": outcome.noise_multiplier,
+        NUM_EXAMPLES_KEY: records, "epsilon": outcome.epsilon,
+        "noise-multiplier": step[0], "dp-sample-rate": step[1], "dp-steps": step[2],
+        "dp-rounds": len(ledger.history),
     })
     content = RecordDict({ARRAYS_KEY: model_to_record(model), METRICS_KEY: metrics})
     return Message(content=content, reply_to=msg)

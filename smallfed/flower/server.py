@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -40,11 +41,13 @@ from smallfed.flower.layers import (
     find,
     restore_stack,
     stack_epsilon,
+    stack_privacy,
     stack_state,
     stack_stats,
 )
 from smallfed.models import build_model, model_report
-from smallfed.privacy import check_privacy_config
+from smallfed.flower.layers.user_dp import UserLevelDPLayer
+from smallfed.privacy import NEIGHBOURING, check_privacy_config
 from smallfed.report.results import RoundRecord, RunRecorder
 from smallfed.training import evaluate
 
@@ -186,8 +189,11 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
             clients_offline=stats.offline, updates_clipped=stats.clipped,
             rolled_back=stats.rolled_back,
         )
+        recorder.privacy = privacy_block(cfg, strategy)
         if clock is not None:
-            recorder.add_clients(out, [asdict(row) for row in clock.take_rows()])
+            rows = [asdict(row) for row in clock.take_rows()]
+            if cfg.privacy != "user" or cfg.dp_publish_sample:
+                recorder.add_clients(out, rows)
         recorder.write(out)  # the finished rounds are on disk if the run is stopped
         save_checkpoint(out, Checkpoint(
             round=server_round, config=cfg.to_dict(), global_arrays=record_arrays(arrays),
@@ -210,6 +216,20 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
     recorder.write(out)
     log(INFO, "smallfed: results in %s (%.1f s)", out.resolve(), time.perf_counter() - started)
     return out
+
+
+def privacy_block(cfg: Config, strategy: Strategy) -> dict[str, Any] | None:
+    """results.json's ``privacy``: the relation epsilon is for, and what recomputes it."""
+    if cfg.privacy == "none":
+        return None
+    block: dict[str, Any] = {
+        "level": cfg.privacy, "neighbouring": NEIGHBOURING[cfg.privacy],
+        "accountant": cfg.dp_accountant, "delta": cfg.dp_delta, "secure_rng": cfg.dp_secure_rng}
+    layer = find(strategy, UserLevelDPLayer)
+    if layer is not None:
+        return {**block, "noise_multiplier": layer.dp.noise, "sample_rate": layer.dp.sample_rate,
+                "rounds_accounted": len(layer.dp.history), "epsilon": layer.dp.epsilon}
+    return {**block, **(stack_privacy(strategy) or {"clients": {}})}
 
 
 def build_server_app(

@@ -102,6 +102,12 @@ def check_strategy(cfg: Config) -> None:
         raise ConfigError(
             f"strategy: DP-FedAvg (privacy = 'user') averages with its own clipped, noised "
             f"step; {cfg.strategy!r} is not supported with it, use {usable}")
+    if cfg.privacy == "sample" and not own and strategy_entry(cfg.strategy).metrics:
+        needs = ", ".join(strategy_entry(cfg.strategy).metrics)
+        raise ConfigError(
+            f"strategy: {cfg.strategy} needs the clients' {needs}, which private clients do "
+            "not send (it is not noised or accounted); use another strategy under "
+            "privacy = 'sample'")
     if not own and cfg.clients_per_round < fewest_replies(cfg):
         raise ConfigError(
             f"clients-per-round: {cfg.strategy} with malicious-clients = "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
@@ -18,6 +17,16 @@ from smallfed.privacy.user_dp import user_noise
 warnings.filterwarnings("once", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+# What epsilon is for: the neighbouring datasets of each level (results.json says it).
+NEIGHBOURING = {
+    "sample": "add or remove one record of one client; the mechanism is planned for a public "
+              "record count (the partition size the server's split assigned, or the "
+              "device's declared dp-records), never for its true count",
+    "user": "add or remove all the data of one client (one node); the sample of clients "
+            "each round is secret",
+}
 
 
 def check_privacy_config(cfg: Config, data: FederatedData) -> None:
@@ -40,10 +49,6 @@ def check_privacy_config(cfg: Config, data: FederatedData) -> None:
             except ValueError as err:
                 raise ConfigError(f"dp-clip-count-stddev: {err}") from err
         return
-    if cfg.dp_secure_rng:
-        if importlib.util.find_spec("torchcsprng") is None:
-            raise ConfigError("dp-secure-rng: Opacus's secure mode needs the torchcsprng "
-                              "package; install it or set dp-secure-rng = false")
     dataset = data.dataset
     check_private_model(build_model(cfg.model, dataset.input_shape, dataset.num_classes, 0))
     if cfg.dp_target_epsilon <= 0 and cfg.dp_noise == 0:

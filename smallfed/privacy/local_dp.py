@@ -1,13 +1,17 @@
 """Sample-level DP on each client: Opacus DP-SGD with an accountant kept across rounds.
 
-Opacus's ``PrivacyEngine`` wraps the client's model, optimizer and data loader
-(Poisson sampling, per-sample clipping to ``dp-clip``, Gaussian noise of
-``dp-noise * dp-clip``). A client trains in many rounds, so its privacy loss adds
-up: a new engine each round reports one round's epsilon, a known mistake in public
-examples. Here the accountant's history (noise, sample rate, steps per round) is
-stored in the node's ``Context.state`` and restored into every new engine, so the
-reported epsilon is the client's total. Before training, the client works out the
-epsilon it would reach after this round and declines if that passes its budget.
+Each round is Opacus's DP-SGD (Poisson sampling of records, per-sample clipping to
+``dp-clip``, Gaussian noise of ``dp-noise * dp-clip``). The privacy unit is one record
+of one client, under the add/remove neighbouring relation Opacus's accountants
+assume. The mechanism's parameters come from a public record count (see
+:func:`train_private`), so the reply says nothing about the true count.
+
+A client trains in many rounds, so its privacy loss adds up: a new engine each round
+reports one round's epsilon, a known mistake in public examples. Here each round adds
+(noise, sample rate, steps) to the device's ledger (:mod:`smallfed.privacy.ledger`),
+and the accountant composes the whole ledger. Before training, the client works out
+the epsilon it would reach after this round and declines if that passes its budget
+or its own floor (:mod:`smallfed.privacy.floor`).
 
 With compression: the codec mod encodes the model delta after DP-SGD has finished,
 so top-k, quantisation and error feedback only post-process a DP output (and the
@@ -69,7 +73,8 @@ def sample_rate(cfg: Config, num_examples: int) -> float:
 
 
 def steps_per_round(cfg: Config, num_examples: int) -> int:
-    return cfg.local_epochs * max(1, math.ceil(num_examples / cfg.batch_size))
+    """Noisy steps a round takes, counted as Opacus's Poisson sampler draws them."""
+    return int(1 / sample_rate(cfg, num_examples)) * cfg.local_epochs
 
 
 def planned_rounds(cfg: Config) -> int:
@@ -103,6 +108,14 @@ def noise_for(cfg: Config, num_examples: int) -> float:
         steps=planned_rounds(cfg) * steps_per_round(cfg, num_examples),
         accountant=cfg.dp_accountant,
     )
+
+
+def planned_step(cfg: Config, records: int) -> tuple[float, float, int]:
+    """What one round releases, for a client planned for ``records`` public records:
+    (noise multiplier, Poisson sample rate, noisy steps), the entry it adds to its history.
+
+    """
+    return noise_for(cfg, records), sample_rate(cfg, records), steps_per_round(cfg, records)
 
 
 def budget(cfg: Config) -> float:
@@ -152,30 +165,39 @@ def _rdp_per_step(noise: float, rate: float) -> np.ndarray:
 
 def train_private(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, seed: int,
-    history: History, masks: dict[str, np.ndarray] | None = None,
+    history: History, masks: dict[str, np.ndarray] | None = None, *, records: int | None = None,
 ) -> PrivateRound:
-    """One round of DP-SGD, or a refusal if it would pass the budget.
+    """One round of DP-SGD planned for ``records`` public records, or a refusal if it
+    would pass the budget.
+
+    The mechanism (sample rate, steps, the batch size the noisy sum is divided by, the
+    noise) is fixed by ``records``, a count the server already knows (the size of the
+    partition its split assigned) or the device declared (``dp-records``), never by
+    ``len(y)`` (the default, for callers outside a federation): adding or removing one record changes nothing but which records Poisson
+    sampling can draw, which is the add/remove neighbouring relation the accountant
+    assumes. Opacus's ``make_private`` derives all of them from the data loader's length,
+    so the mechanism is assembled here from Opacus's own parts instead.
 
     With pruning ``masks``, the per-sample gradients of pruned weights are zeroed before
     clipping: they would be thrown away anyway, and counting them in each sample's norm
     would clip the useful part harder for the same noise.
     """
-    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+    from opacus.grad_sample.utils import prepare_module
+    from opacus.optimizers import DPOptimizer
 
-    n = len(y)
-    noise = noise_for(cfg, n)
+    records = len(y) if records is None else records
+    step = planned_step(cfg, records)
+    noise, rate, _ = step
     params = dict(model.named_parameters())
     pruned = [(params[k], torch.from_numpy(m)) for k, m in (masks or {}).items()]
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # Poisson sampling and noise draw from torch's generator
-        engine = PrivacyEngine(accountant=cfg.dp_accountant, secure_mode=cfg.dp_secure_rng)
-        loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size)
-        module, optimizer, private_loader = engine.make_private(
-            module=model, optimizer=make_optimizer(model, cfg), data_loader=loader,
-            noise_multiplier=noise, max_grad_norm=cfg.dp_clip, poisson_sampling=True,
-        )
-        # What this round releases: one noisy step per batch the private loader draws.
-        step = (noise, private_loader.sample_rate, len(private_loader) * cfg.local_epochs)
+        module = prepare_module(model, grad_sample_mode="hooks")
+        private_loader = DPDataLoader(TensorDataset(x, y), sample_rate=rate)
+        optimizer = DPOptimizer(
+            make_optimizer(model, cfg), noise_multiplier=noise, max_grad_norm=cfg.dp_clip,
+            expected_batch_size=int(records * rate))
         new_history = [*history, step]
         after = epsilon_of(cfg, new_history)
         if after > budget(cfg):
@@ -196,4 +218,6 @@ def train_private(
                 optimizer.step()
                 total += float(loss.detach()) if len(yb) else 0.0
                 steps += 1
-    return PrivateRound(TrainResult(total / max(steps, 1), n, steps), new_history, after, noise)
+        module.remove_hooks()
+    return PrivateRound(TrainResult(total / max(steps, 1), records, steps), new_history, after,
+                        noise)

@@ -21,10 +21,18 @@ Schema version 1 (README "Results"):
   ``compression_ratio_down``, ``epsilon`` and ``delta`` (the run's privacy guarantee;
   null without DP), ``model_params``, ``model_fp32_bytes``, ``wall_time_s``,
   ``sim_time_s`` (total simulated time) and ``sim_time_to_target_s`` (simulated time
-  until ``target-accuracy`` was first reached; null if never, or without devices).
+  until ``target-accuracy`` was first reached; null if never, or without devices), and
+  ``privacy`` (null without DP): ``level``, ``neighbouring`` (the relation epsilon is
+  for), ``accountant``, ``delta``, ``secure_rng`` and what recomputes epsilon: at user
+  level ``noise_multiplier``, ``sample_rate``, ``rounds_accounted`` and ``epsilon``; at
+  sample level ``clients``, per partition id the mechanism it reported
+  (``noise_multiplier``, ``sample_rate``, ``steps_per_round``, ``rounds_trained``) and
+  the largest ``epsilon`` it reported.
 
 With device simulation ``clients.csv`` has a row per sampled client and round: its
-device, status, bytes each way and simulated compute, transfer and total seconds. It
+device, status, bytes each way and simulated compute, transfer and total seconds.
+Under ``privacy = "user"`` it is not written unless ``dp-publish-sample``: it would
+publish the secret Poisson sample the accountant's amplification relies on. It
 grows as the run goes (rows appended each round); a checkpoint keeps only its row
 count, so checkpoints do not grow with the run.
 
@@ -84,6 +92,7 @@ class RunRecorder:
     delta: float | None = None
     target_accuracy: float = 1.0
     rounds: list[RoundRecord] = field(default_factory=list)
+    privacy: dict[str, Any] | None = None  # summary's privacy block, refreshed each round
     clients_rows: int = 0  # rows in clients.csv
     models_sent: int = 0
     elapsed_before: float = 0.0  # seconds spent before a resume
@@ -162,6 +171,7 @@ class RunRecorder:
             "compression_ratio_down": round(dense_down / down, 3) if down else None,
             "epsilon": final.epsilon if final else None,
             "delta": self.delta,
+            "privacy": self.privacy,
             "model_params": self.model_params,
             "model_fp32_bytes": self.model_fp32_bytes,
             "wall_time_s": round(self.elapsed(), 3),

@@ -11,6 +11,7 @@ from smallfed.flower.layers.base import (
     restore_stack,
     stack,
     stack_epsilon,
+    stack_privacy,
     stack_state,
     stack_stats,
 )
@@ -32,5 +33,5 @@ __all__ = [
     "AdmitReplies", "BoundUpdates", "ClientReports", "DecodeUpdates", "DeviceClock", "Layer",
     "PartitionSampling", "Partitions", "ProjectModel", "Quorum", "RollbackNonFinite",
     "RoundOffset", "ValidateReplies", "adopt", "build_strategy", "find", "restore_stack",
-    "stack", "stack_epsilon", "stack_state", "stack_stats",
+    "stack", "stack_epsilon", "stack_privacy", "stack_state", "stack_stats",
 ]

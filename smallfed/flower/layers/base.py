@@ -85,6 +85,10 @@ class Layer(Strategy):
         """(largest, mean) epsilon spent so far, if this layer accounts for privacy."""
         return None
 
+    def privacy(self) -> dict[str, Any] | None:
+        """What results.json's ``privacy`` block needs to recompute this layer's epsilon."""
+        return None
+
     def adopt(self, arrays: ArrayRecord) -> None:
         """The round's aggregate was replaced by ``arrays``: tell the strategies below."""
         adopt(self.strategy, arrays)
@@ -202,4 +206,12 @@ def stack_epsilon(strategy: Strategy) -> tuple[float, float] | None:
     for part in stack(strategy):
         if isinstance(part, Layer) and (spent := part.epsilon()) is not None:
             return spent
+    return None
+
+
+def stack_privacy(strategy: Strategy) -> dict[str, Any] | None:
+    """The privacy record of the outermost layer that accounts for privacy, or None."""
+    for part in stack(strategy):
+        if isinstance(part, Layer) and (record := part.privacy()) is not None:
+            return record
     return None

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 from logging import ERROR, INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -71,7 +72,15 @@ def finite_number(value: object) -> bool:
 
 
 class ClientReports(Layer):
-    """Notes each client's reported epsilon; replies that decline to train stop here."""
+    """Notes each client's reported epsilon and mechanism; declining replies stop here.
+
+    The server never lowers a client's epsilon: a client that reports less than before
+    (a device whose ledger was lost, or a hostile one) keeps the largest value it ever
+    reported, so results.json cannot under-report.
+    """
+
+    MECHANISM = {"noise-multiplier": "noise_multiplier", "dp-sample-rate": "sample_rate",
+                 "dp-steps": "steps_per_round", "dp-rounds": "rounds_trained"}
 
     def __init__(self, strategy: Strategy, partitions: Partitions | None = None,
                  note_epsilons: bool = True) -> None:
@@ -80,7 +89,8 @@ class ClientReports(Layer):
         super().__init__(strategy)
         self.partitions = partitions
         self.note_epsilons = note_epsilons
-        self.epsilons: dict[int, float] = {}  # partition id -> the epsilon it last reported
+        self.epsilons: dict[int, float] = {}  # partition id -> the largest epsilon reported
+        self.mechanisms: dict[int, dict[str, float]] = {}  # partition id -> its last mechanism
         self.declined = 0
 
     def describe(self) -> str:
@@ -103,10 +113,8 @@ class ClientReports(Layer):
             return False
         metrics = reply.content.metric_records[METRICS_KEY]
         node = reply.metadata.src_node_id
-        value = metrics.get("epsilon")
-        if self.note_epsilons and finite_number(value) and value >= 0:
-            place = self.partitions.of.get(node, node) if self.partitions else node
-            self.epsilons[place] = float(metrics["epsilon"])
+        if self.note_epsilons:
+            self._note(self.partitions.of.get(node, node) if self.partitions else node, metrics)
         if not metrics.get("declined"):
             return False
         self.declined += 1
@@ -114,6 +122,15 @@ class ClientReports(Layer):
         log(INFO, "Round %d: node %d declined: %s", server_round, node,
             status.get("reason", "no reason given"))
         return True
+
+    def _note(self, place: int, metrics: MetricRecord) -> None:
+        value = metrics.get("epsilon")
+        if finite_number(value) and value >= 0:
+            self.epsilons[place] = max(float(value), self.epsilons.get(place, 0.0))
+        mechanism = {name: float(metrics[key]) for key, name in self.MECHANISM.items()
+                     if finite_number(metrics.get(key))}
+        if len(mechanism) == len(self.MECHANISM):
+            self.mechanisms[place] = mechanism
 
     def round_stats(self) -> dict[str, float]:
         return {"declined": self.declined}
@@ -125,11 +142,23 @@ class ClientReports(Layer):
         values = list(self.epsilons.values())
         return max(values), math.fsum(values) / len(values)  # fsum: order-independent
 
+    def privacy(self) -> dict[str, Any] | None:
+        """Per client: the mechanism it last reported and the largest epsilon."""
+        if not self.note_epsilons:
+            return None
+        return {"clients": {
+            str(place): {**{k: int(v) if k in ("steps_per_round", "rounds_trained") else v
+                            for k, v in self.mechanisms.get(place, {}).items()},
+                         "epsilon": epsilon}
+            for place, epsilon in sorted(self.epsilons.items())}}
+
     def state(self) -> dict:
-        return {"epsilons": {str(k): v for k, v in self.epsilons.items()}}
+        return {"epsilons": {str(k): v for k, v in self.epsilons.items()},
+                "mechanisms": {str(k): v for k, v in self.mechanisms.items()}}
 
     def restore(self, state: dict) -> None:
         self.epsilons = {int(k): float(v) for k, v in state["epsilons"].items()}
+        self.mechanisms = {int(k): dict(v) for k, v in state.get("mechanisms", {}).items()}
 
 
 class AdmitReplies(Layer):
