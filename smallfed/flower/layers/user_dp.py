@@ -37,8 +37,10 @@ class UserLevelDPLayer(Layer):
         self._global: dict[str, np.ndarray] = {}  # empty: the round was skipped
 
     def describe(self) -> str:
+        secure = (", secure noise (exact discrete Gaussian, OS CSPRNG)"
+                  if self.dp.cfg.dp_secure_rng else "")
         return (f"clip {self.dp.clip_norm:g} ({self.dp.cfg.dp_clip_mode}), noise multiplier "
-                f"{self.dp.noise:.4g}, budget {self.dp.budget:g}")
+                f"{self.dp.noise:.4g}, budget {self.dp.budget:g}{secure}")
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
