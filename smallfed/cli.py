@@ -202,8 +202,14 @@ def cmd_edge(args: argparse.Namespace) -> int:
         Console(stderr=True).print(f"[bold yellow]WARNING: {warning}[/]")
     if args.insecure:
         Console(stderr=True).print(f"[bold red]{launch.INSECURE_WARNING}[/]")
+    floor = launch.privacy_floor(args.dp_max_epsilon, args.dp_min_noise, args.dp_max_delta,
+                                 args.dp_records or launch.default_records(args.data_dir))
+    console.print(launch.ledger_summary(args.data_dir))
+    if floor:
+        console.print("privacy floor: " + ", ".join(f"{k} {v}" for k, v in floor.items()))
     command = launch.supernode_command(args.superlink, args.data_dir, args.profile,
-                                       args.root_cert, args.auth_key, args.port, args.insecure)
+                                       args.root_cert, args.auth_key, args.port, args.insecure,
+                                       floor)
     print(" ".join(command), flush=True)  # plain: a command line to copy
     if not args.dry_run:
         launch.exec_command(command)
@@ -287,6 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--model", default="cnn-tiny", help="model to check memory for")
     start.add_argument("--batch-size", type=int, default=8)
     start.add_argument("--insecure", action="store_true", help="plain HTTP (test networks)")
+    start.add_argument("--dp-max-epsilon", type=float,
+                       help="privacy floor: the most epsilon this device spends, over all runs "
+                            "(it then trains only under sample-level DP and never evaluates)")
+    start.add_argument("--dp-min-noise", type=float,
+                       help="privacy floor: the smallest DP-SGD noise multiplier it accepts")
+    start.add_argument("--dp-max-delta", type=float,
+                       help="privacy floor: the largest delta it accepts")
+    start.add_argument("--dp-records", type=int,
+                       help="the public record count DP-SGD is planned for; the server may "
+                            "learn it (default: this device's count now, rounded up to a power "
+                            "of two)")
     start.add_argument("--dry-run", action="store_true", help="check and print only")
     edge.set_defaults(func=cmd_edge)
     keys = sub.add_parser("keys", help="list every configuration key")

@@ -88,6 +88,49 @@ def check_device(data_dir: str | Path, profile: str, model: str, batch_size: int
             f"{need / 2**20:.1f} of {allowed / 2**20:.0f} MiB")
 
 
+def privacy_floor(max_epsilon: float | None, min_noise: float | None,
+                  max_delta: float | None, records: int | None) -> dict[str, float]:
+    """The node config of this device's privacy floor; ConfigError on nonsense."""
+    from smallfed.privacy.floor import DeviceFloor  # pylint: disable=import-outside-toplevel
+
+    values = {key: value for key, value in (
+        ("dp-max-epsilon", max_epsilon), ("dp-min-noise", min_noise),
+        ("dp-max-delta", max_delta)) if value is not None}
+    try:
+        DeviceFloor.of(values)
+    except ValueError as err:
+        raise ConfigError(str(err).replace("node config ", "--").split(";")[0]) from err
+    if records is not None:
+        if records <= 0:
+            raise ConfigError(f"--dp-records {records}: must be a positive count")
+        values["dp-records"] = int(records)
+    return values
+
+
+def default_records(data_dir: str | Path) -> int:
+    """The dp-records a device declares unless told: its count now, up to a power of two.
+
+    Fixed in the node config when the SuperNode starts, so later rounds do not move
+    with the data; the server learns the order of magnitude once.
+    """
+    with np.load(Path(data_dir) / "data.npz", allow_pickle=False) as npz:
+        return 1 << max(0, len(npz["y"]) - 1).bit_length()
+
+
+def ledger_summary(data_dir: str | Path) -> str:
+    """What the device's privacy ledger holds; ConfigError if it is corrupt."""
+    from smallfed.privacy.ledger import LEDGER_FILE, LedgerError, read_ledger
+
+    path = Path(data_dir) / LEDGER_FILE
+    if not path.exists():
+        return "no privacy ledger yet (this data has not trained under DP)"
+    try:
+        history = read_ledger(path)
+    except LedgerError as err:
+        raise ConfigError(str(err)) from err
+    return f"privacy ledger {path}: {len(history)} private rounds recorded"
+
+
 # Peak resident memory of one SuperNode's process tree (SuperNode, SuperExec, ClientApp)
 # training cnn-tiny, in MB: benchmarks/deploy_loopback.py, BENCHMARKS.md. The three
 # processes' VmRSS summed on x86 (shared pages counted in each): a cautious figure.
@@ -112,9 +155,14 @@ def memory_warning(meminfo: str | Path = "/proc/meminfo") -> str:
 
 def supernode_command(superlink: str, data_dir: str | Path, profile: str,
                       root_cert: str | Path | None, auth_key: str | Path | None,
-                      port: int = 9094, insecure: bool = False) -> list[str]:
-    """flower-supernode for one device: its data folder and profile in its node config."""
+                      port: int = 9094, insecure: bool = False,
+                      privacy: dict[str, float] | None = None) -> list[str]:
+    """flower-supernode for one device: its data folder, profile and privacy floor
+    (``privacy``: node config keys of :mod:`smallfed.privacy.floor`, and ``dp-records``)
+    in its node config."""
     node_config = f"data-dir='{Path(data_dir).resolve()}' device='{profile}'"
+    for key, value in (privacy or {}).items():
+        node_config += f" {key}={value!r}"
     command = [flower_binary("flower-supernode"), "--superlink", superlink,
                "--node-config", node_config, "--port", str(port)]
     if insecure:

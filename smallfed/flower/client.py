@@ -187,18 +187,21 @@ def public_records(context: Context, num_examples: int) -> int:
     """The record count DP-SGD is planned for, one the server may know.
 
     In simulation, the partition's size: the server's own split assigned it. On a device,
-    its node config's ``dp-records``, else its count rounded up to a power of two, so
-    the server learns at most the order of magnitude.
+    the ``dp-records`` its owner declared in the node config (``smallfed edge start``
+    sets it). Never the device's count itself: even rounded, a count moves the sample
+    rate when one record is added or removed at a boundary, outside the accountant.
     """
     declared = context.node_config.get("dp-records")
-    if declared is not None:
-        value = int(declared)  # type: ignore[arg-type]
-        if value <= 0:
-            raise ValueError(f"node config dp-records = {declared!r}: must be a positive count")
-        return value
-    if context.node_config.get("data-dir"):
-        return 1 << max(0, num_examples - 1).bit_length()
-    return num_examples
+    if declared is None and context.node_config.get("data-dir"):
+        raise ValueError("this device trains under sample-level DP but its node config declares "
+                         "no dp-records (the public record count DP-SGD is planned for); "
+                         "start it with `smallfed edge start --dp-records N`")
+    if declared is None:
+        return num_examples
+    value = int(declared)  # type: ignore[arg-type]
+    if value <= 0:
+        raise ValueError(f"node config dp-records = {declared!r}: must be a positive count")
+    return value
 
 
 def train_with_dp(  # pylint: disable=too-many-arguments
