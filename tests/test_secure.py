@@ -81,6 +81,18 @@ def test_discrete_gaussian_matches_its_pmf(sigma: float | Fraction) -> None:
     assert np.all(np.abs(observed - expected) <= 6 * np.sqrt(n * share * (1 - share)) + 1)
 
 
+def test_exact_bernoulli_of_e_to_the_minus_1() -> None:
+    """The bits of e^-1 the comparison uses agree with longer expansions; the rate is e^-1."""
+    from smallfed.privacy.secure import _bernoulli_exp_minus_1, _exp_minus_1_words
+
+    words = _exp_minus_1_words(6)
+    assert words[:4] == _exp_minus_1_words(4)
+    assert abs(words[0] / 2.0**64 - math.exp(-1)) < 1e-15
+    n = 1_000_000
+    rate = float(np.mean(_bernoulli_exp_minus_1(n)))
+    assert abs(rate - math.exp(-1)) <= 6 * math.sqrt(math.exp(-1) * (1 - math.exp(-1)) / n)
+
+
 def test_discrete_gaussian_is_symmetric_and_shaped() -> None:
     draws = discrete_gaussian(2.0, (300, 200))
     assert draws.shape == (300, 200) and draws.dtype == np.int64

@@ -9,10 +9,11 @@ Why this module exists
    inputs it came from, so the mechanism is not DP at all. Mironov (2012) showed it for
    the Laplace mechanism; Jin, McMurtry, Rubinstein and Ohrimenko (2021, "Are we there
    yet? Timing and floating-point attacks on differential privacy systems",
-   arXiv:2112.05307) broke the Gaussian samplers of numpy, PyTorch and Opacus this way;
-   Holohan and Braghin (2021, "Secure random sampling in differential privacy",
-   arXiv:2107.10138) describe the attacks and defences. The defence used here is the
-   one those papers point to: never let floats touch the randomness. The noise is an
+   arXiv:2112.05307) mounted such attacks on the Gaussian mechanisms of DP libraries,
+   Opacus among them; Holohan and Braghin (2021, "Secure random sampling in
+   differential privacy", arXiv:2107.10138) study the attacks and a mitigation (the one
+   Opacus's ``secure_mode`` implements, which still samples floats). The defence used
+   here is the exact one: never let floats touch the randomness. The noise is an
    *exact* sample of the discrete Gaussian N_Z(0, s^2) (Canonne, Kamath and Steinke
    2020, "The Discrete Gaussian for Differential Privacy", arXiv:2004.00010, their
    Algorithms 1-3), drawn with integer and rational arithmetic only; the value it is
@@ -48,23 +49,25 @@ mechanisms in smallfed then work in integer units of g:
   ``||x_j|| + sqrt(d) * g``, so the per-sample clip is lowered by ``sqrt(d) * g``.
   With k = 16 the margin is ``sqrt(d) * z * C / 2^17`` (d = 50,000: 0.17% of C at
   z = 1) and costs nothing measurable.
-* For integer sensitivity Delta, the multivariate discrete Gaussian satisfies the same
+* For integer sensitivity Delta, the discrete Gaussian satisfies the same
   concentrated-DP / Renyi-DP bound as the continuous Gaussian with the same sigma:
-  ``Delta^2 / (2 s^2)``-zCDP, so ``D_alpha <= alpha * Delta^2 / (2 s^2)`` for every
-  alpha > 1 (CKS 2020, Theorem 4 and their multivariate section). Without subsampling,
-  every bound the accountant would compute from this curve holds.
-* Subsampling. smallfed's accountants (Opacus ``prv``, ``rdp``, ``gdp``) compose the
-  *Poisson-subsampled continuous* Gaussian. For the Renyi divergence of the mixture
-  against the base, ``E_P[(1 - q + q e^{L})^alpha]`` with L linear in the noise, a
-  binomial expansion at integer alpha reduces it to moment generating functions, and
-  the discrete Gaussian's are at most the continuous one's (``E e^{tZ} <= e^{t^2 s^2
-  / 2}``, CKS 2020, their subgaussianity bound), so at integer orders this direction
-  is at most the continuous value. That argument is ours, not a published theorem;
-  the PRV/PLD numbers for the subsampled discrete Gaussian are not proved to be below
-  the continuous ones. At s = 2^16 the two distributions differ in total variation by
-  O(1/s^2), about 1e-10 per coordinate, and the difference in epsilon is far below
-  the accountants' own numerical error, but say "argued" for the subsampled case,
-  not "proved".
+  ``Delta^2 / (2 s^2)``-zCDP, i.e. ``D_alpha <= alpha * Delta^2 / (2 s^2)`` for every
+  alpha > 1 (CKS 2020, Sec. 2). For vectors of independent coordinates the Renyi
+  divergences add, so an integer shift of L2 norm Delta gives the same bound: the
+  vector mechanism is as private as the continuous Gaussian it replaces. Without
+  subsampling, every epsilon computed from that curve holds.
+* Subsampling: argued, not proved. smallfed's accountants (Opacus ``prv``, ``rdp``,
+  ``gdp``) compose the Poisson-subsampled *continuous* Gaussian. Opacus's RDP bound is
+  ``E_P[(1 - q + q Q/P)^alpha]`` with ``Q/P = exp((2<x,Delta> - |Delta|^2) / (2 s^2))``
+  (shifting a discrete Gaussian by an integer vector keeps its normaliser). At integer
+  alpha a binomial expansion turns it into moment generating functions with positive
+  weights, and the discrete Gaussian's are at most the continuous one's
+  (``E e^{tZ} <= e^{t^2 s^2 / 2}``, the subgaussianity bound of CKS 2020), so that
+  divergence is at most the continuous value. This is our argument, not a published
+  theorem; it does not cover fractional orders, the reverse divergence (which Mironov
+  et al. 2019 show is never the worse one for the continuous Gaussian), or the
+  PRV/PLD accountants. At s = 2^16 grid steps we expect any difference to be far below
+  the accountants' own numerical error, but we have no proof of that.
 * Sampling. :func:`secure_poisson` keeps an item when a 53-bit secure uniform is below
   the rate: the probability is ``ceil(q * 2^53) / 2^53``, within 2^-53 of q.
 * Not covered: timing side channels (the rejection samplers' running time depends on
@@ -83,6 +86,7 @@ import secrets
 import types
 from collections.abc import Iterator
 from fractions import Fraction
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -139,7 +143,8 @@ def _bernoulli_exp_at_most_1(num: np.ndarray, den: int) -> np.ndarray:
     """Bernoulli(exp(-num/den)) for num/den in [0, 1]: CKS 2020 Algorithm 1, vectorised.
 
     K = 1; while Bernoulli(gamma / K): K += 1; output K odd. P(odd) = e^-gamma. The draw
-    Bernoulli(gamma / K) is Bernoulli(num / den) and Bernoulli(1 / K), independent.
+    Bernoulli(gamma / K) is Bernoulli(num / den) and Bernoulli(1 / K), independent (the
+    latter is certain for K = 1, so not drawn).
     """
     n = len(num)
     k = np.ones(n, np.int64)
@@ -148,14 +153,44 @@ def _bernoulli_exp_at_most_1(num: np.ndarray, den: int) -> np.ndarray:
         idx = np.flatnonzero(active)
         if idx.size == 0:
             break
-        a = _bernoulli_ratio(num[idx], den) & (_uniform_below(k[idx], idx.size) == 0)
+        a = _bernoulli_ratio(num[idx], den)
+        later = np.flatnonzero(a & (k[idx] > 1))
+        if later.size:
+            a[later] = _uniform_below(k[idx[later]], later.size) == 0
         k[idx[a]] += 1
         active[idx[~a]] = False
     return k % 2 == 1
 
 
+@lru_cache(maxsize=None)
+def _exp_minus_1_words(words: int) -> tuple[int, ...]:
+    """floor(e^-1 * 2**(64 * words)) as 64-bit words, most significant first, exactly:
+    partial sums of the alternating series sum (-1)^k / k! bracket e^-1 within 1/(n+1)!,
+    and terms are added until both ends of the bracket have the same floor."""
+    bits = 64 * words
+    terms = 8
+    while True:
+        partial = sum(Fraction((-1) ** k, math.factorial(k)) for k in range(terms + 1))
+        error = Fraction(1, math.factorial(terms + 1))
+        low = math.floor((partial - error) * 2**bits)
+        if low == math.floor((partial + error) * 2**bits):
+            return tuple((low >> (64 * (words - 1 - i))) & (2**64 - 1) for i in range(words))
+        terms += 16
+
+
 def _bernoulli_exp_minus_1(n: int) -> np.ndarray:
-    return _bernoulli_exp_at_most_1(np.ones(n, np.int64), 1)
+    """Bernoulli(e^-1), exactly: a uniform real 0.u0 u1 u2... (64-bit words, drawn while
+    needed) is below e^-1 when its first word that differs from e^-1's is smaller."""
+    result = np.zeros(n, bool)
+    todo = np.arange(n)
+    word = 0
+    while todo.size:
+        bound = np.uint64(_exp_minus_1_words(max(4, word + 1))[word])
+        u = _random_u64(todo.size)
+        result[todo[u < bound]] = True
+        todo = todo[u == bound]  # a tie: probability 2**-64, decided by the next word
+        word += 1
+    return result
 
 
 def _bernoulli_exp(whole: np.ndarray, frac: np.ndarray, den: int) -> np.ndarray:
@@ -215,11 +250,11 @@ def discrete_gaussian(sigma: float | int | Fraction, size: int | tuple[int, ...]
     """
     shape = (size,) if isinstance(size, (int, np.integer)) else tuple(size)
     n = math.prod(shape)
+    if not (sigma >= 0 and math.isfinite(float(sigma))):
+        raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
     sigma2 = Fraction(sigma) ** 2
     if sigma2 == 0:
         return np.zeros(shape, np.int64)
-    if sigma < 0 or not math.isfinite(float(sigma)):
-        raise ValueError(f"sigma must be finite and >= 0, got {sigma}")
     if sigma2 > _MAX_SCALE**2:
         raise ValueError(f"sigma {float(sigma):g} is too large for an integer sampler; "
                          "sample on a coarser grid (secure_gaussian_noise)")
@@ -360,12 +395,12 @@ def use_secure_noise(optimizer: Any, grid_bits: int = GRID_BITS) -> None:
     Call it once, after ``make_private`` and before training; the noise multiplier must
     not change afterwards.
     """
+    import torch
     from opacus.optimizers.optimizer import (
         DPOptimizer,
         _check_processed_flag,
         _mark_as_processed,
     )
-    import torch
 
     if type(optimizer) is not DPOptimizer:  # per-layer, adaptive and distributed clip otherwise
         raise TypeError(f"use_secure_noise needs opacus's DPOptimizer (flat clipping), "
