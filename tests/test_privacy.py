@@ -138,3 +138,15 @@ def test_a_short_private_simulation_learns_and_reports_epsilon(tmp_path: Path) -
     assert results["summary"]["delta"] == 1e-5
     assert rounds[-1]["accuracy"] > rounds[0]["accuracy"] + 0.2
     assert math.isfinite(rounds[-1]["loss"])
+
+
+def test_secure_mode_trains_with_the_same_accounting(tmp_path: Path) -> None:
+    """dp-secure-rng swaps where the randomness comes from, not the mechanism: the same
+    epsilon, and a short run still learns."""
+    cfg = Config(**{**FAST, "dp_reproducible": False, "num_server_rounds": 3},
+                 dp_noise=0.7, dp_secure_rng=True)
+    results = simulate(cfg, tmp_path, progress=False)
+    plain = rounds_of_dp(cfg.replace(dp_secure_rng=False), 3)
+    assert results["summary"]["epsilon"] == pytest.approx(plain[-1].epsilon, rel=1e-12)
+    assert results["summary"]["privacy"]["secure_rng"] is True
+    assert results["rounds"][-1]["accuracy"] > results["rounds"][0]["accuracy"] + 0.2

@@ -186,6 +186,8 @@ def train_private(
     from opacus.grad_sample.utils import prepare_module
     from opacus.optimizers import DPOptimizer
 
+    from smallfed.privacy.secure import use_secure_noise
+
     records = len(y) if records is None else records
     step = planned_step(cfg, records)
     noise, rate, _ = step
@@ -198,6 +200,9 @@ def train_private(
         optimizer = DPOptimizer(
             make_optimizer(model, cfg), noise_multiplier=noise, max_grad_norm=cfg.dp_clip,
             expected_batch_size=int(records * rate))
+        if cfg.dp_secure_rng:
+            private_loader = secure_loader(private_loader)
+            use_secure_noise(optimizer)
         new_history = [*history, step]
         after = epsilon_of(cfg, new_history)
         if after > budget(cfg):
@@ -221,3 +226,12 @@ def train_private(
         module.remove_hooks()
     return PrivateRound(TrainResult(total / max(steps, 1), records, steps), new_history, after,
                         noise)
+
+
+def secure_loader(loader: DataLoader) -> DataLoader:
+    """``loader`` (a DPDataLoader) with its Poisson batches drawn from the OS's CSPRNG:
+    the same rate, steps and empty-batch collate, another source of randomness."""
+    from smallfed.privacy.secure import SecurePoissonBatchSampler
+
+    sampler = SecurePoissonBatchSampler(len(loader.dataset), loader.sample_rate, len(loader))
+    return DataLoader(loader.dataset, batch_sampler=sampler, collate_fn=loader.collate_fn)
