@@ -43,7 +43,6 @@ noise, q, steps             PLD      prv      rdp     gdp
 2.0, 0.05, 100              1.097    +0.0101  x1.114  x0.905
 0.6, 0.01, 3000             12.044   +0.0107  x1.125  x0.896
 3.0, 0.1, 1000              4.884    +0.0103  x1.083  x0.984
-1.5, 0.02, 3000             3.575    +0.0102  x1.088  x0.974
 0.6, 0.1, 10                8.342    +0.0107  x1.185  x0.667
 0.65, 0.05, 500             19.814   +0.0111  x1.111  x1.020
 1.0, 0.05, 100 + 0.8, .02,  4.505    +0.0103  x1.144  x0.600
@@ -150,7 +149,6 @@ GRID: list[History] = [
     ((2.0, 0.05, 100),),
     ((0.6, 0.01, 3000),),
     ((3.0, 0.1, 1000),),
-    ((1.5, 0.02, 3000),),
     ((0.6, 0.1, 10),),
     ((0.65, 0.05, 500),),
     ((1.0, 0.05, 100), (0.8, 0.02, 200)),
@@ -159,7 +157,7 @@ GRID: list[History] = [
 
 # --- the reference itself --------------------------------------------------------------
 
-@pytest.mark.parametrize(("noise", "rate", "steps"), [(1.0, 0.1, 30), (1.0, 0.1, 20)])
+@pytest.mark.parametrize(("noise", "rate", "steps"), [(1.0, 0.1, 30)])
 def test_the_reference_brackets_the_true_epsilon_within_0_1_percent(
         noise: float, rate: float, steps: int) -> None:
     upper, lower = pld_epsilon(noise, rate, steps), pld_lower_bound(noise, rate, steps)
@@ -214,22 +212,19 @@ def test_gdp_under_reports_epsilon() -> None:
     assert ratios[((1.0, 0.1, 30),)] < 0.75
     assert pld_lower_bound(1.0, 0.1, 30) > 4.17  # the truth, from below
     assert min(ratios.values()) < 0.65  # 0.600 on the mixed history, 0.633 at q 0.01
-    assert sum(r < 1 for r in ratios.values()) >= 8  # below the truth almost everywhere
+    assert sum(r < 1 for r in ratios.values()) >= len(GRID) - 1  # all but epsilon 20
 
 
 def test_gdp_target_epsilon_overspends() -> None:
     """With a target epsilon, GDP's optimism picks too little noise: the run's true
-    epsilon passes the target (private.toml's target 8: 9.60; user level, target 3: 4.18)."""
+    epsilon passes the target. central-dp.toml with target 3: noise 1.00 (PRV picks 1.19),
+    true epsilon 4.18. (private.toml's client of 353 records with target 8: noise 0.707,
+    PRV picks 0.764; true epsilon 9.60.)"""
     try:
-        sample = Config.from_toml(SIMULATIONS / "private.toml").replace(dp_accountant="gdp")
         user = Config.from_toml(SIMULATIONS / "central-dp.toml").replace(
             dp_accountant="gdp", dp_target_epsilon=3.0)
     except ConfigError as err:  # the project refuses gdp: the fix this test asks for
         pytest.skip(f"gdp is refused: {err}")
-    records = 353  # a client of private.toml: q 1/23, 23 steps a round
-    noise = noise_for(sample, records)
-    steps = planned_rounds(sample) * steps_per_round(sample, records)
-    assert pld_epsilon(noise, sample_rate(sample, records), steps) > 1.15 * 8.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         server_noise = user_noise(user)
@@ -303,7 +298,7 @@ def test_sample_level_run_reports_epsilons_that_bound_the_truth(tmp_path: Path) 
 
     smallfed.simulate(
         out=tmp_path / "run", dataset="digits", model="cnn-tiny", num_clients=4,
-        clients_per_round=4, num_server_rounds=3, partitioner="dirichlet", batch_size=30,
+        clients_per_round=4, num_server_rounds=2, partitioner="dirichlet", batch_size=30,
         local_epochs=1, lr=0.1, seed=5, privacy="sample", dp_noise=1.0,
         dp_accountant="prv", dp_delta=DELTA, dp_reproducible=True)
     results, cfg = load_results(tmp_path / "run")
@@ -336,8 +331,8 @@ def test_user_level_run_reports_an_epsilon_that_bounds_the_truth(tmp_path: Path)
     import smallfed  # pylint: disable=import-outside-toplevel
 
     smallfed.simulate(
-        out=tmp_path / "run", dataset="digits", model="cnn-tiny", num_clients=50,
-        clients_per_round=10, num_server_rounds=3, partitioner="iid", local_epochs=1,
+        out=tmp_path / "run", dataset="digits", model="cnn-tiny", num_clients=20,
+        clients_per_round=4, num_server_rounds=3, partitioner="iid", local_epochs=1,
         seed=4, privacy="user", dp_noise=1.0, dp_accountant="prv", dp_delta=DELTA,
         dp_reproducible=True)
     results, cfg = load_results(tmp_path / "run")
