@@ -193,42 +193,32 @@ def test_rdp_never_under_reports(history: History) -> None:
     assert rdp >= reported("prv", history)
 
 
-def gdp_config(**changes: object) -> Config:
-    try:
-        return Config(dp_accountant="gdp", dp_delta=DELTA, **changes)
-    except ConfigError as err:  # the project refuses gdp: the fix this test asks for
-        pytest.skip(f"gdp is refused: {err}")
-
-
 def test_gdp_under_reports_epsilon() -> None:
     """GDP approximates the composition by a Gaussian (CLT): it can report LESS than the
     true epsilon. At simulations/central-dp.toml's settings it says 2.99 where the truth
-    is at least 4.18 (PLD pessimistic 4.178, optimistic 4.177)."""
-    cfg = gdp_config(privacy="user")
+    is at least 4.18 (PLD pessimistic 4.178, optimistic 4.177). Opacus's own accountant,
+    called directly: smallfed refuses it (next test)."""
+    from opacus.accountants import GaussianAccountant
+
+    def gdp(history: tuple) -> float:
+        accountant = GaussianAccountant()
+        accountant.history = list(history)
+        return float(accountant.get_epsilon(delta=DELTA))
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ratios = {history: epsilon_of(cfg, list(history)) / pld_epsilon_of(history)
-                  for history in GRID}
+        ratios = {history: gdp(history) / pld_epsilon_of(history) for history in GRID}
     assert ratios[((1.0, 0.1, 30),)] < 0.75
     assert pld_lower_bound(1.0, 0.1, 30) > 4.17  # the truth, from below
     assert min(ratios.values()) < 0.65  # 0.600 on the mixed history, 0.633 at q 0.01
     assert sum(r < 1 for r in ratios.values()) >= len(GRID) - 1  # all but epsilon 20
 
 
-def test_gdp_target_epsilon_overspends() -> None:
-    """With a target epsilon, GDP's optimism picks too little noise: the run's true
-    epsilon passes the target. central-dp.toml with target 3: noise 1.00 (PRV picks 1.19),
-    true epsilon 4.18. (private.toml's client of 353 records with target 8: noise 0.707,
-    PRV picks 0.764; true epsilon 9.60.)"""
-    try:
-        user = Config.from_toml(SIMULATIONS / "central-dp.toml").replace(
-            dp_accountant="gdp", dp_target_epsilon=3.0)
-    except ConfigError as err:  # the project refuses gdp: the fix this test asks for
-        pytest.skip(f"gdp is refused: {err}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        server_noise = user_noise(user)
-    assert pld_epsilon(server_noise, 0.1, user.num_server_rounds) > 1.3 * 3.0
+def test_gdp_is_refused_before_the_run() -> None:
+    """With a target it would also pick too little noise (central-dp.toml, target 3: noise
+    1.00 where PRV picks 1.19, true epsilon 4.18)."""
+    with pytest.raises(ConfigError, match="dp-accountant: gdp .* under-reports"):
+        Config(dp_accountant="gdp")
 
 
 # --- the values the runtime feeds into its accountants ---------------------------------
