@@ -37,7 +37,7 @@ from smallfed.flower.records import (
 )
 from smallfed.models import build_model
 from smallfed.privacy.floor import DeviceFloor
-from smallfed.privacy.ledger import Ledger, LedgerError
+from smallfed.privacy.ledger import Ledger, LedgerError, ledger_lock
 from smallfed.training import CLIENT_THREADS, client_generator, evaluate, torch_threads, train
 
 
@@ -219,23 +219,25 @@ def train_with_dp(  # pylint: disable=too-many-arguments
     # pylint: disable=import-outside-toplevel
     from smallfed.privacy.local_dp import epsilon_of, planned_step, train_private
 
-    try:
-        ledger = Ledger.open(context)
-    except LedgerError as err:
-        return decline(msg, str(err))
-    records = public_records(context, len(y))
-    step = planned_step(config, records)
-    if floor is not None and (reason := floor.refusal(config, ledger.history, step)):
-        return decline(msg, reason, epsilon=epsilon_of(config, ledger.history))
-    # The noise must be secret: OS entropy, unless the run asks to be reproducible.
-    seed = secrets.randbits(63) if not config.dp_reproducible else int(np.random.SeedSequence(
-        [config.seed, server_round, client_key(context) + 1, 7]).generate_state(1)[0])
-    with torch_threads(CLIENT_THREADS), masked_training(model, masks):
-        outcome = train_private(model, x, y, config, seed, ledger.history, masks,
-                                records=records)
-    if outcome.result is None:
-        return decline(msg, outcome.declined_reason, epsilon=outcome.epsilon)
-    ledger.add(context, step, run_id=msg.metadata.run_id)
+    with ledger_lock(context):
+        try:
+            ledger = Ledger.open(context)
+        except LedgerError as err:
+            return decline(msg, str(err))
+        records = public_records(context, len(y))
+        step = planned_step(config, records)
+        if floor is not None and (reason := floor.refusal(config, ledger.history, step)):
+            return decline(msg, reason, epsilon=epsilon_of(config, ledger.history))
+        # The noise must be secret: OS entropy, unless the run asks to be reproducible.
+        seed = secrets.randbits(63) if not config.dp_reproducible else int(
+            np.random.SeedSequence([config.seed, server_round, client_key(context) + 1, 7])
+            .generate_state(1)[0])
+        with torch_threads(CLIENT_THREADS), masked_training(model, masks):
+            outcome = train_private(model, x, y, config, seed, ledger.history, masks,
+                                    records=records)
+        if outcome.result is None:
+            return decline(msg, outcome.declined_reason, epsilon=outcome.epsilon)
+        ledger.add(context, step, run_id=msg.metadata.run_id)
     metrics = MetricRecord({
         NUM_EXAMPLES_KEY: records, "epsilon": outcome.epsilon,
         "noise-multiplier": step[0], "dp-sample-rate": step[1], "dp-steps": step[2],

@@ -7,9 +7,10 @@ every training request against it and declines, saying why, when the run asks fo
 less privacy:
 
 * ``dp-max-epsilon``: the most its ledger may reach, over every run on its data,
-  counted with the PRV accountant whatever accountant the run names;
+  counted with the PRV accountant at the device's own delta, whatever accountant and
+  delta the run names (a larger delta would let the same ledger show a smaller epsilon);
 * ``dp-min-noise``: the smallest noise multiplier it accepts;
-* ``dp-max-delta``: the largest delta it accepts.
+* ``dp-max-delta``: the largest delta it accepts (1e-5 unless set).
 
 Setting any of them also means: train only under ``privacy = "sample"``, never with
 ``dp-reproducible`` (a known seed lets the server regenerate and subtract the noise),
@@ -34,7 +35,7 @@ class DeviceFloor:
 
     max_epsilon: float = math.inf
     min_noise: float = 0.0
-    max_delta: float = 1.0
+    max_delta: float = 1e-5
 
     @classmethod
     def of(cls, node_config: Any) -> DeviceFloor | None:
@@ -67,8 +68,9 @@ class DeviceFloor:
         if step[0] < self.min_noise:
             return (f"the run's noise multiplier {step[0]:.4g} is below this device's "
                     f"minimum of {self.min_noise:g}")
-        after = epsilon_of(cfg.replace(dp_accountant="prv"), [*history, step])
+        own = cfg.replace(dp_accountant="prv", dp_delta=self.max_delta)
+        after = epsilon_of(own, [*history, step])
         if after > self.max_epsilon:
             return (f"training this round would take this device's epsilon to {after:.3f} "
-                    f"(PRV), past its own maximum of {self.max_epsilon:g}")
+                    f"(PRV, delta {self.max_delta:g}), past its own maximum of {self.max_epsilon:g}")
         return ""

@@ -17,12 +17,15 @@ protects them from a curious server, not from themselves.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,9 +108,30 @@ def write_entries(path: Path, entries: list[dict]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself survives a power loss
+        finally:
+            os.close(folder)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def ledger_lock(context: Context) -> Iterator[None]:
+    """Hold the device's ledger from the budget check to the write: two train messages
+    (two runs) at once would otherwise both pass the check on the same history."""
+    data_dir = context.node_config.get("data-dir")
+    if not data_dir:
+        yield
+        return
+    with open(Path(str(data_dir)) / ".privacy-ledger.lock", "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def read_entries(path: Path) -> list[dict]:

@@ -191,39 +191,42 @@ def train_private(
     records = len(y) if records is None else records
     step = planned_step(cfg, records)
     noise, rate, _ = step
+    new_history = [*history, step]
+    after = epsilon_of(cfg, new_history)
+    if after > budget(cfg):
+        before = epsilon_of(cfg, history)
+        reason = (f"training this round would raise epsilon from {before:.3f} to "
+                  f"{after:.3f}, past the budget of {budget(cfg):.3f}")
+        return PrivateRound(None, history, before, noise, reason)
+    check_private_model(model)  # on the device too: the server's check is the server's
     params = dict(model.named_parameters())
     pruned = [(params[k], torch.from_numpy(m)) for k, m in (masks or {}).items()]
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # Poisson sampling and noise draw from torch's generator
         module = prepare_module(model, grad_sample_mode="hooks")
-        private_loader = DPDataLoader(TensorDataset(x, y), sample_rate=rate)
-        optimizer = DPOptimizer(
-            make_optimizer(model, cfg), noise_multiplier=noise, max_grad_norm=cfg.dp_clip,
-            expected_batch_size=int(records * rate))
-        if cfg.dp_secure_rng:
-            private_loader = secure_loader(private_loader)
-            use_secure_noise(optimizer)
-        new_history = [*history, step]
-        after = epsilon_of(cfg, new_history)
-        if after > budget(cfg):
-            before = epsilon_of(cfg, history)
-            reason = (f"training this round would raise epsilon from {before:.3f} to "
-                      f"{after:.3f}, past the budget of {budget(cfg):.3f}")
-            return PrivateRound(None, history, before, noise, reason)
-        module.train()
-        total, steps = 0.0, 0
-        for _ in range(cfg.local_epochs):
-            for xb, yb in private_loader:
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(module(xb), yb)
-                loss.backward()
-                for param, keep in pruned:
-                    if param.grad_sample is not None:
-                        param.grad_sample.mul_(keep)
-                optimizer.step()
-                total += float(loss.detach()) if len(yb) else 0.0
-                steps += 1
-        module.remove_hooks()
+        try:
+            private_loader = DPDataLoader(TensorDataset(x, y), sample_rate=rate)
+            optimizer = DPOptimizer(
+                make_optimizer(model, cfg), noise_multiplier=noise, max_grad_norm=cfg.dp_clip,
+                expected_batch_size=int(records * rate))
+            if cfg.dp_secure_rng:
+                private_loader = secure_loader(private_loader)
+                use_secure_noise(optimizer)
+            module.train()
+            total, steps = 0.0, 0
+            for _ in range(cfg.local_epochs):
+                for xb, yb in private_loader:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(module(xb), yb)
+                    loss.backward()
+                    for param, keep in pruned:
+                        if param.grad_sample is not None:
+                            param.grad_sample.mul_(keep)
+                    optimizer.step()
+                    total += float(loss.detach()) if len(yb) else 0.0
+                    steps += 1
+        finally:
+            module.remove_hooks()
     return PrivateRound(TrainResult(total / max(steps, 1), records, steps), new_history, after,
                         noise)
 
