@@ -204,7 +204,9 @@ def cmd_edge(args: argparse.Namespace) -> int:
         Console(stderr=True).print(f"[bold red]{launch.INSECURE_WARNING}[/]")
     floor = launch.privacy_floor(args.dp_max_epsilon, args.dp_min_noise, args.dp_max_delta,
                                  args.dp_records or launch.default_records(args.data_dir))
-    console.print(launch.ledger_summary(args.data_dir))
+    has_floor = any(v is not None for v in (args.dp_max_epsilon, args.dp_min_noise,
+                                            args.dp_max_delta))
+    console.print(launch.ledger_summary(args.data_dir, has_floor))
     if floor:
         console.print("privacy floor: " + ", ".join(f"{k} {v}" for k, v in floor.items()))
     command = launch.supernode_command(args.superlink, args.data_dir, args.profile,

@@ -21,7 +21,13 @@ from smallfed.flower.inprocess import InProcessGrid
 from smallfed.flower.layers import ClientReports
 from smallfed.flower.server import build_server_app
 from smallfed.privacy.floor import DeviceFloor
-from smallfed.privacy.ledger import LEDGER_FILE, Ledger, LedgerError, read_ledger
+from smallfed.privacy.ledger import (
+    LEDGER_FILE,
+    Ledger,
+    LedgerError,
+    create_ledger,
+    read_ledger,
+)
 from smallfed.privacy.local_dp import epsilon_of
 
 PRIVATE = dict(num_server_rounds=2, num_clients=3, clients_per_round=3, local_epochs=1,
@@ -37,6 +43,8 @@ def devices(cfg: Config, folder: Path, **node: object) -> list[dict]:
         data_dir = folder / f"device{i}"
         if not (data_dir / "data.npz").exists():
             write_device_data(cfg, i, data_dir)
+        if any(key.startswith("dp-max") or key == "dp-min-noise" for key in node):
+            create_ledger(data_dir)  # as `smallfed edge start` does for a floor
         configs.append({"data-dir": str(data_dir), "device": "rpi4", "dp-records": 1024,
                         **node})
     return configs
@@ -83,6 +91,10 @@ def test_a_lost_or_corrupt_ledger_refuses_to_train() -> None:
     context.state["smallfed-dp-ledger-written"] = ConfigRecord({"entries": 2})
     with pytest.raises(LedgerError, match="missing, but this node has written 2 rounds"):
         Ledger.open(context)
+    fresh = Context(run_id=2, node_id=1, node_config={"data-dir": "/nonexistent-smallfed"},
+                    state=RecordDict(), run_config={})  # a new run: no memory of writing
+    with pytest.raises(LedgerError, match="missing, but this device has a privacy floor"):
+        Ledger.open(fresh, must_exist=True)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "checksum", "deleted"])
@@ -203,3 +215,19 @@ def test_user_level_runs_keep_the_sample_secret(tmp_path: Path, publish: bool) -
             assert len(list(csv.DictReader(fh))) > 0
     privacy = json.loads((tmp_path / "results.json").read_text())["summary"]["privacy"]
     assert privacy["level"] == "user" and privacy["rounds_accounted"] == 2
+
+
+def test_edge_start_makes_the_ledger_of_a_device_with_a_floor(tmp_path: Path) -> None:
+    from smallfed.config import ConfigError
+    from smallfed.deploy.launch import ledger_summary, privacy_floor
+
+    assert "no privacy ledger yet" in ledger_summary(tmp_path, floor=False)
+    assert "created empty" in ledger_summary(tmp_path, floor=True)
+    assert read_ledger(tmp_path / LEDGER_FILE) == []
+    assert "0 private rounds recorded" in ledger_summary(tmp_path, floor=True)
+    (tmp_path / LEDGER_FILE).write_text("[]")
+    with pytest.raises(ConfigError, match="refusing to train until the privacy ledger"):
+        ledger_summary(tmp_path, floor=True)
+    assert privacy_floor(8.0, None, None, 64) == {"dp-max-epsilon": 8.0, "dp-records": 64}
+    with pytest.raises(ConfigError, match="--dp-min-noise = -1.0: must be a positive number"):
+        privacy_floor(None, -1.0, None, None)

@@ -117,11 +117,14 @@ def default_records(data_dir: str | Path) -> int:
         return 1 << max(0, len(npz["y"]) - 1).bit_length()
 
 
-def ledger_summary(data_dir: str | Path) -> str:
-    """What the device's privacy ledger holds; ConfigError if it is corrupt."""
-    from smallfed.privacy.ledger import LEDGER_FILE, LedgerError, read_ledger
+def ledger_summary(data_dir: str | Path, floor: bool) -> str:
+    """What the device's privacy ledger holds (made empty first for a device with a
+    privacy ``floor``, whose ClientApp then requires it); ConfigError if it is corrupt."""
+    from smallfed.privacy.ledger import LEDGER_FILE, LedgerError, create_ledger, read_ledger
 
     path = Path(data_dir) / LEDGER_FILE
+    if floor and create_ledger(data_dir):
+        return f"privacy ledger {path}: created empty (from now on it must stay)"
     if not path.exists():
         return "no privacy ledger yet (this data has not trained under DP)"
     try:

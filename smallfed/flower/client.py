@@ -221,7 +221,7 @@ def train_with_dp(  # pylint: disable=too-many-arguments
 
     with ledger_lock(context):
         try:
-            ledger = Ledger.open(context)
+            ledger = Ledger.open(context, must_exist=floor is not None)
         except LedgerError as err:
             return decline(msg, str(err))
         records = public_records(context, len(y))

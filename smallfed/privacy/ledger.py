@@ -10,7 +10,8 @@ lives in the node's state, which the run's checkpoint keeps.
 
 The device refuses to train rather than start at zero when its ledger is corrupt (bad
 JSON, fields or checksum), or missing or shorter while the node's state says it has
-written more. What the ledger cannot catch: the device's owner deleting the file and
+written more, or missing on a device with a privacy floor (``smallfed edge start``
+creates the ledger of such a device when it first starts it). What the ledger cannot catch: the device's owner deleting the file and
 restarting the SuperNode. The owner may waive their own data's privacy; the ledger
 protects them from a curious server, not from themselves.
 """
@@ -53,8 +54,12 @@ class Ledger:
     path: Path | None = None  # None: kept in the node's state (simulation)
 
     @classmethod
-    def open(cls, context: Context) -> Ledger:
-        """The node's ledger: its data folder's file on a device, its state in simulation."""
+    def open(cls, context: Context, *, must_exist: bool = False) -> Ledger:
+        """The node's ledger: its data folder's file on a device, its state in simulation.
+
+        ``must_exist``: the device has a privacy floor, so ``smallfed edge start`` made its
+        ledger; a missing file then means a lost one, in this run or any other.
+        """
         data_dir = context.node_config.get("data-dir")
         if not data_dir:
             saved = context.state.get(STATE_HISTORY_KEY)
@@ -65,11 +70,12 @@ class Ledger:
         marker = context.state.get(STATE_WRITTEN_KEY)
         written = int(marker["entries"]) if marker is not None else 0
         if not path.exists():
-            if written:
+            if written or must_exist:
+                why = (f"this node has written {written} rounds to it" if written else
+                       "this device has a privacy floor, and `smallfed edge start` made it")
                 raise LedgerError(
-                    f"{path} is missing, but this node has written {written} rounds to it: "
-                    "refusing to train rather than restart the privacy accountant at zero; "
-                    "restore the file from a backup")
+                    f"{path} is missing, but {why}: refusing to train rather than restart "
+                    "the privacy accountant at zero; restore the file from a backup")
             return cls(path=path)
         history = read_ledger(path)
         if len(history) < written:
@@ -91,6 +97,15 @@ class Ledger:
                         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         write_entries(self.path, entries)
         context.state[STATE_WRITTEN_KEY] = ConfigRecord({"entries": len(entries)})
+
+
+def create_ledger(data_dir: str | Path) -> bool:
+    """Make an empty ledger in ``data_dir`` unless one is there; True if it made one."""
+    path = Path(data_dir) / LEDGER_FILE
+    if path.exists():
+        return False
+    write_entries(path, [])
+    return True
 
 
 def _checksum(entries: list[dict]) -> str:
