@@ -191,6 +191,13 @@ class Config:
         0.97, "Devices: the accuracy whose simulated time-to-target results.json reports.",
         gt=0, le=1)
 
+    subspace: float = _key(
+        0.0,
+        "A shared random subspace: each round every client keeps the same random fraction "
+        "of each tensor's coordinates (positions from the round's seed, none sent); under "
+        "DP the clipping and noise act in that subspace only, so the noise scales with its "
+        "size (0: off).", ge=0, lt=1)
+
     # --- privacy --------------------------------------------------------------
     privacy: str = _key(
         "none",

@@ -38,6 +38,7 @@ from smallfed.flower.records import (
 from smallfed.models import build_model
 from smallfed.privacy.floor import DeviceFloor
 from smallfed.privacy.ledger import Ledger, LedgerError, ledger_lock
+from smallfed.privacy.subspace import round_subspace
 from smallfed.training import CLIENT_THREADS, client_generator, evaluate, torch_threads, train
 
 
@@ -233,8 +234,9 @@ def train_with_dp(  # pylint: disable=too-many-arguments
             np.random.SeedSequence([config.seed, server_round, client_key(context) + 1, 7])
             .generate_state(1)[0])
         with torch_threads(CLIENT_THREADS), masked_training(model, masks):
-            outcome = train_private(model, x, y, config, seed, ledger.history, masks,
-                                    records=records)
+            outcome = train_private(
+                model, x, y, config, seed, ledger.history, masks, records=records,
+                subspace=round_subspace(msg.content["config"], model_template(config, msg)))
         if outcome.result is None:
             return decline(msg, outcome.declined_reason, epsilon=outcome.epsilon)
         ledger.add(context, step, run_id=msg.metadata.run_id)

@@ -9,6 +9,8 @@ which Flower keeps for the node across rounds in simulation and on a device.
 When the server prunes the model, the train message carries the masks, and the
 update holds only the unpruned coordinates of each pruned tensor, encoded with the
 codec (an identity codec then sends them as raw fp32): the server knows the masks.
+A shared random subspace (its seed in the train config) narrows that to the
+subspace's coordinates the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from smallfed.codec import Chain, encoding_seed
 from smallfed.compact.pruning import compact, expand, read_masks
+from smallfed.privacy.subspace import combine, round_subspace
 from smallfed.flower.records import (
     ARRAYS_KEY,
     PAYLOAD_STYPE,
@@ -54,7 +57,8 @@ def make_codec_mod(
         received = msg.content[ARRAYS_KEY]
         if is_payload(received):
             msg.content[ARRAYS_KEY] = arrays_record(down.decode(record_payload(received), template))
-        masks = read_masks(msg.content, template)
+        masks = combine(read_masks(msg.content, template),
+                        round_subspace(msg.content["config"], template))
         start = record_arrays(msg.content[ARRAYS_KEY])
         reply = call_next(msg, context)
         if reply.has_error() or (up.is_identity and not masks) or ARRAYS_KEY not in reply.content:

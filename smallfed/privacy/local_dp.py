@@ -33,6 +33,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from smallfed.config import Config, ConfigError
+from smallfed.privacy.subspace import combine
 from smallfed.training import TrainResult, make_optimizer
 
 # Opacus and scipy.stats are imported inside the functions that use them: they take
@@ -166,6 +167,7 @@ def _rdp_per_step(noise: float, rate: float) -> np.ndarray:
 def train_private(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, seed: int,
     history: History, masks: dict[str, np.ndarray] | None = None, *, records: int | None = None,
+    subspace: dict[str, np.ndarray] | None = None,
 ) -> PrivateRound:
     """One round of DP-SGD planned for ``records`` public records, or a refusal if it
     would pass the budget.
@@ -180,7 +182,10 @@ def train_private(
 
     With pruning ``masks``, the per-sample gradients of pruned weights are zeroed before
     clipping: they would be thrown away anyway, and counting them in each sample's norm
-    would clip the useful part harder for the same noise.
+    would clip the useful part harder for the same noise. With a shared ``subspace``
+    (:mod:`smallfed.privacy.subspace`) the per-sample gradients are projected onto it
+    before clipping as well, and the noised gradient outside it is zeroed before each
+    step, so the model moves only inside the subspace.
     """
     from opacus.data_loader import DPDataLoader
     from opacus.grad_sample.utils import prepare_module
@@ -200,7 +205,10 @@ def train_private(
         return PrivateRound(None, history, before, noise, reason)
     check_private_model(model)  # on the device too: the server's check is the server's
     params = dict(model.named_parameters())
-    pruned = [(params[k], torch.from_numpy(m)) for k, m in (masks or {}).items()]
+    kept = combine(masks or {}, subspace or {})
+    pruned = [(params[k], torch.from_numpy(m)) for k, m in kept.items() if k in params]
+    outside = [(params[k], torch.from_numpy(m)) for k, m in (subspace or {}).items()
+               if k in params]
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # Poisson sampling and noise draw from torch's generator
         module = prepare_module(model, grad_sample_mode="hooks")
@@ -212,6 +220,8 @@ def train_private(
             if cfg.dp_secure_rng:
                 private_loader = secure_loader(private_loader)
                 use_secure_noise(optimizer)
+            if outside:
+                optimizer.step_hook = lambda _: project_grads(outside)
             module.train()
             total, steps = 0.0, 0
             for _ in range(cfg.local_epochs):
@@ -229,6 +239,13 @@ def train_private(
             module.remove_hooks()
     return PrivateRound(TrainResult(total / max(steps, 1), records, steps), new_history, after,
                         noise)
+
+
+def project_grads(kept: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+    """Zero each noised gradient outside the subspace (after the noise: post-processing)."""
+    for param, keep in kept:
+        if param.grad is not None:
+            param.grad.mul_(keep)
 
 
 def secure_loader(loader: DataLoader) -> DataLoader:

@@ -97,18 +97,27 @@ class GaussianAverage:
         """Standard deviation of the noise on each coordinate of the average."""
         return self.noise_multiplier * self.clip / self.expected_clients
 
-    def __call__(self, updates: list[Update], template: Update, rng: np.random.Generator) -> Update:
+    def __call__(self, updates: list[Update], template: Update, rng: np.random.Generator,
+                 support: dict[str, np.ndarray] | None = None) -> Update:
+        """``support``: the round's shared subspace (True = in it), where all updates live;
+        the sum is exactly zero outside it, so only its coordinates are noised."""
         if self.secure and self.noise_multiplier * self.clip > 0:
-            return self._secure(updates, template)
+            return self._secure(updates, template, support or {})
         total = {k: np.zeros_like(v, dtype=np.float64) for k, v in template.items()}
         for update in updates:
             for k, v in clip(update, self.clip).items():
                 total[k] += v
         sigma = self.noise_multiplier * self.clip
-        return {k: ((v + rng.normal(0.0, sigma, v.shape)) / self.expected_clients).astype(
-            np.float32) for k, v in total.items()}
+        out = {}
+        for k, v in total.items():
+            noise = rng.normal(0.0, sigma, v.shape)
+            if support and k in support:
+                noise *= support[k]
+            out[k] = ((v + noise) / self.expected_clients).astype(np.float32)
+        return out
 
-    def _secure(self, updates: list[Update], template: Update) -> Update:
+    def _secure(self, updates: list[Update], template: Update,
+                support: dict[str, np.ndarray]) -> Update:
         step = grid_step(self.noise_multiplier * self.clip)
         dimension = sum(v.size for v in template.values())
         inner = (self.clip - rounding_slack(dimension, step)) * (1 - 1e-9)
@@ -125,8 +134,9 @@ class GaussianAverage:
         noise = discrete_gaussian(2**GRID_BITS, dimension)
         out, start = {}, 0
         for k, v in total.items():
-            noisy = v + noise[start:start + v.size].reshape(v.shape)
+            draw = noise[start:start + v.size].reshape(v.shape)
             start += v.size
+            noisy = v + (draw * support[k] if k in support else draw)
             out[k] = (step * noisy.astype(np.float64) / self.expected_clients).astype(np.float32)
         return out
 

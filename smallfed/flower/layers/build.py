@@ -37,7 +37,8 @@ def build_strategy(  # pylint: disable=too-many-arguments
     ``DeviceClock``         devices only: offline nodes skipped, stragglers dropped
     ``ClientReports``       reported epsilons noted; declining replies stop here
     ``ValidateReplies``     failed and malformed replies dropped, example counts checked
-    ``DecodeUpdates``       the broadcast encoded; each update decoded into a model
+    ``DecodeUpdates``       the broadcast encoded (and the round's shared subspace
+                            named); each update decoded into a model
     ``BoundUpdates``        each update's norm and weight bounded (not under user DP)
     ``ProjectModel``        pruning and weight sharing: the model kept compact
     ``RollbackNonFinite``   a NaN or infinite aggregate undone
@@ -77,7 +78,7 @@ def build_strategy(  # pylint: disable=too-many-arguments
         strategy = BoundUpdates(strategy, clip=cfg.update_clip, factor=cfg.update_clip_factor,
                                 max_examples=cfg.max_examples, known_examples=known_examples)
     strategy = DecodeUpdates(strategy, seed=cfg.seed, codec_up=parse_codec(cfg.codec),
-                             codec_down=parse_codec(cfg.codec_down))
+                             codec_down=parse_codec(cfg.codec_down), subspace=cfg.subspace)
     strategy = ClientReports(
         ValidateReplies(strategy, known_examples, required_metrics(cfg)), partitions,
         note_epsilons=cfg.privacy == "sample")

@@ -6,6 +6,8 @@ network, so the strategies below aggregate models as Flower's always do.
 * Downlink (``codec-down``): after the layers below built the round's messages, their
   global model is replaced by one payload (FedAvgM and FedOpt keep the dense arrays
   they were given).
+* Shared subspace (``subspace``, :mod:`smallfed.privacy.subspace`): each round's seed
+  goes down in the train config, and updates hold only the subspace's coordinates.
 * Uplink (``codec``, or pruning, whose updates hold only the unpruned coordinates): each
   reply's payload is decoded into the client's delta, against the layout of the model
   it was sent, and added to that model. A payload that does not decode is rejected.
@@ -37,15 +39,17 @@ from smallfed.flower.records import (
     record_arrays,
     record_payload,
 )
+from smallfed.privacy.subspace import combine, round_subspace, subspace_config
 
 
 class DecodeUpdates(Layer):
     """Encodes the broadcast model; decodes (or checks) each reply into a client's model."""
 
     def __init__(self, strategy: Strategy, *, seed: int, codec_up: Chain | None = None,
-                 codec_down: Chain | None = None) -> None:
+                 codec_down: Chain | None = None, subspace: float = 0.0) -> None:
         super().__init__(strategy)
         self.seed = seed
+        self.subspace = subspace
         self.codec_up = codec_up or chain()
         self.codec_down = codec_down or chain()
         self.rejected = 0
@@ -59,15 +63,19 @@ class DecodeUpdates(Layer):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.rejected = 0
+        if self.subspace > 0:
+            config = ConfigRecord(
+                {**config, **subspace_config(self.subspace, self.seed, server_round)})
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self._global, self._masks = {}, {}
         if not messages:
             return messages
         content = messages[0].content
         self._global = record_arrays(content[ARRAYS_KEY])
+        template = {k: v.shape for k, v in self._global.items()}
         if MASK_RECORD in content.array_records:
-            template = {k: v.shape for k, v in self._global.items()}
             self._masks = read_masks(content, template)
+        self._masks = combine(self._masks, round_subspace(content["config"], template))
         if not self.codec_down.is_identity:
             seed = encoding_seed(self.seed, server_round, -1, downlink=True)
             record = payload_record(self.codec_down.encode(self._global, seed)[0])

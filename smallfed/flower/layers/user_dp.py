@@ -24,6 +24,7 @@ from flwr.supercore import log
 
 from smallfed.flower.layers.base import Layer
 from smallfed.flower.records import ARRAYS_KEY, arrays_record, record_arrays
+from smallfed.privacy.subspace import round_subspace
 from smallfed.privacy.user_dp import UserLevelDP
 
 
@@ -35,6 +36,7 @@ class UserLevelDPLayer(Layer):
         self.dp = dp
         self.aggregated = 0
         self._global: dict[str, np.ndarray] = {}  # empty: the round was skipped
+        self._support: dict[str, np.ndarray] = {}  # the round's shared subspace, if any
 
     def describe(self) -> str:
         secure = (", secure noise (exact discrete Gaussian, OS CSPRNG)"
@@ -52,6 +54,7 @@ class UserLevelDPLayer(Layer):
                 "of %.3f; no more training", server_round, after, self.dp.budget)
             return []
         self._global = record_arrays(arrays)
+        self._support = round_subspace(config, {k: v.shape for k, v in self._global.items()})
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -68,7 +71,7 @@ class UserLevelDPLayer(Layer):
             deltas.append({k: model[k] - self._global[k] for k in self._global})
         rng = self.dp.rng(server_round)
         clip_norm = self.dp.clip_norm
-        average = self.dp.mechanism(deltas, self._global, rng)
+        average = self.dp.mechanism(deltas, self._global, rng, self._support)
         self.dp.adapt_clip(deltas, rng)
         log(INFO, "Round %d: DP-FedAvg over %d clients, clip %.4g (next %.4g), noise std %.4g",
             server_round, len(replies), clip_norm, self.dp.clip_norm,
