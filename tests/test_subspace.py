@@ -85,3 +85,12 @@ def test_a_subspace_run_sends_the_fraction_and_keeps_its_epsilon(tmp_path: Path,
     assert 9.5 < ratio < 10.5  # ~10% of each tensor's values, no positions
     assert sub["summary"]["epsilon"] == pytest.approx(dense["summary"]["epsilon"], rel=1e-12)
     assert all(math.isfinite(r["loss"]) for r in sub["rounds"])
+
+
+def test_top_k_under_dp_sgd_is_warned_about_with_the_subspace_suggested() -> None:
+    from smallfed.privacy import codec_advice
+
+    advice = codec_advice(Config(privacy="sample", codec="topk:0.01,quantize:4,error_feedback"))
+    assert "top-k of a DP-SGD update keeps mostly noise" in advice and "subspace" in advice
+    assert codec_advice(Config(privacy="sample", codec="randk:0.1")) == ""
+    assert codec_advice(Config(privacy="user", codec="topk:0.01")) == ""  # clipped after

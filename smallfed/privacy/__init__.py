@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from logging import WARNING
 
+from flwr.supercore import log
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
 from smallfed.config import Config, ConfigError
@@ -29,10 +31,27 @@ NEIGHBOURING = {
 }
 
 
+def codec_advice(cfg: Config) -> str:
+    """A warning for a codec that fights DP-SGD, or '': magnitude top-k of a noised update
+    picks the coordinates where the noise is largest and drops the signal elsewhere."""
+    if cfg.privacy != "sample":
+        return ""
+    from smallfed.codec import parse_codec  # pylint: disable=import-outside-toplevel
+
+    if not any(stage.name == "topk" for stage in parse_codec(cfg.codec).stages):
+        return ""
+    return (f"codec {cfg.codec!r}: magnitude top-k of a DP-SGD update keeps mostly noise "
+            "(every coordinate carries noise, the largest are mostly noise); for fewer "
+            "upload bytes under DP use subspace = F, a shared random subspace where DP-SGD "
+            "clips and noises only the coordinates it sends")
+
+
 def check_privacy_config(cfg: Config, data: FederatedData) -> None:
     """Fail before the run on DP settings that cannot work, saying what to change."""
     if cfg.privacy == "none":
         return
+    if advice := codec_advice(cfg):
+        log(WARNING, "smallfed: %s", advice)
     if cfg.privacy == "user":
         if cfg.dp_target_epsilon <= 0 and cfg.dp_noise == 0:
             raise ConfigError("dp-noise: 0 adds no noise and gives no privacy; set dp-noise > 0 "
