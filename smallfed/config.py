@@ -209,6 +209,12 @@ class Config:
     dp_noise: float = _key(1.0, "DP-SGD noise multiplier (noise std / clip norm).", ge=0)
     dp_clip: float = _key(1.0, "DP-SGD per-sample gradient clip norm.", gt=0)
     dp_delta: float = _key(1e-5, "The delta of the (epsilon, delta) guarantee.", gt=0, lt=1)
+    dp_physical_batch: int = _key(
+        0,
+        "privacy = sample: the most samples DP-SGD holds at once (Opacus's "
+        "BatchMemoryManager): the expected batch batch-size is split into physical "
+        "batches of at most this many, one noisy step per logical batch, so devices train "
+        "with batches larger than their memory allows (0: no split).", ge=0)
     dp_target_epsilon: float = _key(
         0.0,
         "If > 0, each client computes the noise that spends this epsilon over its planned "

@@ -150,3 +150,30 @@ def test_secure_mode_trains_with_the_same_accounting(tmp_path: Path) -> None:
     assert results["summary"]["epsilon"] == pytest.approx(plain[-1].epsilon, rel=1e-12)
     assert results["summary"]["privacy"]["secure_rng"] is True
     assert results["rounds"][-1]["accuracy"] > results["rounds"][0]["accuracy"] + 0.2
+
+
+def test_physical_batches_give_the_same_steps_as_whole_ones() -> None:
+    """BatchMemoryManager splits each Poisson batch and steps once per logical batch: with
+    the same draws (seed) and no noise, the model ends where whole batches take it."""
+    cfg = Config(**{**FAST, "batch_size": 30}, dp_noise=0.0, dp_clip=1.0)
+    x, y = federated_data(cfg).client(0)
+    models = []
+    for physical in (0, 4):
+        model = build_model(cfg.model, (1, 8, 8), 10, cfg.seed)
+        outcome = train_private(model, x, y, cfg.replace(dp_physical_batch=physical), 3, [])
+        models.append(model.state_dict())
+        assert outcome.result is not None
+    for name, value in models[0].items():
+        assert (value - models[1][name]).abs().max() < 1e-5, name
+    assert any((v - build_model(cfg.model, (1, 8, 8), 10, cfg.seed).state_dict()[k]).abs().max()
+               > 1e-3 for k, v in models[0].items())  # it did train
+
+
+def test_physical_batches_lower_the_memory_a_device_needs() -> None:
+    from smallfed.devices import training_memory_bytes
+
+    model = build_model("cnn-tiny", (1, 28, 28), 10, 0)
+    cfg = Config(privacy="sample", batch_size=256)
+    whole = training_memory_bytes(model, (1, 28, 28), cfg)
+    split = training_memory_bytes(model, (1, 28, 28), cfg.replace(dp_physical_batch=16))
+    assert split < whole / 5

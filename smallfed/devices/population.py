@@ -42,13 +42,16 @@ def training_memory_bytes(model: nn.Module, input_shape: tuple[int, int, int],
 
     DP-SGD (``privacy = "sample"``) also holds one gradient per sample of the batch
     (Opacus's ``grad_sample``); its Poisson-sampled batches are counted at their
-    expected size plus three standard deviations, which they rarely pass.
+    expected size plus three standard deviations, which they rarely pass; with
+    ``dp-physical-batch`` Opacus's BatchMemoryManager never holds more than that many.
     """
     params = sum(p.numel() for p in model.parameters())
     optimizer = 2 if cfg.optimizer == "adam" else (1 if cfg.momentum > 0 else 0)
     batch = cfg.batch_size
     if cfg.privacy == "sample":
         batch = math.ceil(batch + 3 * math.sqrt(batch))
+        if cfg.dp_physical_batch:
+            batch = min(batch, cfg.dp_physical_batch)
     activations = (activation_count(model, input_shape) + int(np.prod(input_shape))) * batch
     per_sample = params * batch if cfg.privacy == "sample" else 0
     return 4 * (params * (2 + optimizer) + activations + per_sample)

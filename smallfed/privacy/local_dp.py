@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -225,20 +228,37 @@ def train_private(
             module.train()
             total, steps = 0.0, 0
             for _ in range(cfg.local_epochs):
-                for xb, yb in private_loader:
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = F.cross_entropy(module(xb), yb)
-                    loss.backward()
-                    for param, keep in pruned:
-                        if param.grad_sample is not None:
-                            param.grad_sample.mul_(keep)
-                    optimizer.step()
-                    total += float(loss.detach()) if len(yb) else 0.0
-                    steps += 1
+                with physical_batches(private_loader, optimizer, cfg.dp_physical_batch) as batches:
+                    for xb, yb in batches:
+                        optimizer.zero_grad(set_to_none=True)
+                        loss = F.cross_entropy(module(xb), yb)
+                        loss.backward()
+                        for param, keep in pruned:
+                            if param.grad_sample is not None:
+                                param.grad_sample.mul_(keep)
+                        optimizer.step()  # a noisy step only at a logical batch's end
+                        total += float(loss.detach()) if len(yb) else 0.0
+                        steps += 1
         finally:
             module.remove_hooks()
     return PrivateRound(TrainResult(total / max(steps, 1), records, steps), new_history, after,
                         noise)
+
+
+@contextmanager
+def physical_batches(loader: DataLoader, optimizer: Any, most: int) -> Iterator[DataLoader]:
+    """``loader``'s logical batches, split by Opacus's BatchMemoryManager into physical
+    ones of at most ``most`` samples (0: as they come). The optimizer accumulates the
+    clipped per-sample gradients and adds noise once per logical batch, so the
+    mechanism and the accounting are unchanged."""
+    if not most:
+        yield loader
+        return
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=most,
+                            optimizer=optimizer) as split:  # type: ignore[arg-type]
+        yield split
 
 
 def project_grads(kept: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
