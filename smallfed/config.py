@@ -55,7 +55,7 @@ class Config:
         "fedavg",
         "The strategy that aggregates the decoded updates: one of Flower's (registered in "
         "smallfed/flower/strategies.py), or package.module:function returning a Flower "
-        "Strategy. Every one combines with codecs and pruning; privacy = 'user' needs fedavg.",
+        "Strategy. Every one combines with codecs and pruning; privacy = 'user' needs fedavg or fedavgm.",
     )
     server_lr: float = _key(
         1.0, "Server learning rate (fedavgm: server_learning_rate; fedadam, fedyogi, "

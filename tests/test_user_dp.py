@@ -144,3 +144,22 @@ def test_adaptive_clip_needs_enough_count_noise() -> None:
                  dp_clip_mode="adaptive", partitioner="iid")
     with pytest.raises(ConfigError, match="dp-clip-count-stddev"):
         check_privacy_config(cfg, check_data_config(cfg))
+
+
+def test_dp_fedavg_takes_server_momentum_as_post_processing(tmp_path) -> None:
+    """fedavgm under user-level DP: momentum 0 and server-lr 1 is DP-FedAvg exactly; with
+    momentum the model differs and epsilon does not."""
+    from smallfed.config import Config
+    from smallfed.simulation import simulate
+
+    base = dict(num_server_rounds=3, num_clients=40, clients_per_round=10, local_epochs=1,
+                privacy="user", dp_noise=1.0, dp_clip=0.5, dp_reproducible=True, seed=2)
+    plain = simulate(Config(**base), tmp_path / "a", progress=False)
+    same = simulate(Config(**base, strategy="fedavgm", server_momentum=0.0, server_lr=1.0),
+                    tmp_path / "b", progress=False)
+    moved = simulate(Config(**base, strategy="fedavgm", server_momentum=0.9, server_lr=1.0),
+                     tmp_path / "c", progress=False)
+    accuracy = [[r["accuracy"] for r in run["rounds"]] for run in (plain, same, moved)]
+    assert accuracy[0] == accuracy[1]
+    assert accuracy[2][-1] != accuracy[0][-1]
+    assert moved["summary"]["epsilon"] == plain["summary"]["epsilon"]

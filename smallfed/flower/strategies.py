@@ -158,7 +158,8 @@ def fedavg(cfg: Config) -> Strategy:
     return FedAvg(**NO_SAMPLING)
 
 
-@register_strategy("fedavgm", "FedAvgM: server momentum (server-lr, server-momentum).")
+@register_strategy("fedavgm", "FedAvgM: server momentum (server-lr, server-momentum); under "
+                   "privacy = 'user', DP-FedAvg with server momentum.", user_dp=True)
 def fedavgm(cfg: Config) -> Strategy:
     return FedAvgM(**NO_SAMPLING, server_learning_rate=cfg.server_lr,
                    server_momentum=cfg.server_momentum)

@@ -67,7 +67,8 @@ def build_strategy(  # pylint: disable=too-many-arguments
         from smallfed.privacy.user_dp import UserLevelDP
 
         user_dp = UserLevelDP(cfg)
-        strategy = UserLevelDPLayer(strategy, user_dp)
+        momentum = (cfg.server_lr, cfg.server_momentum) if cfg.strategy == "fedavgm" else (1.0, 0.0)
+        strategy = UserLevelDPLayer(strategy, user_dp, *momentum)
         poisson = (user_dp.sample_rate, user_dp.rng)
     else:
         strategy = Quorum(strategy, fewest_replies(cfg))

@@ -9,6 +9,11 @@ builds the round's messages: a median or Krum's selection has another sensitivit
 than the one the accountant composes. The clip happens here, after decoding, so the
 bound holds whatever a codec did to an update's norm. Poisson sampling, which the
 accountant assumes, is the sampling layer's (with this layer's secret generator).
+
+With ``strategy = "fedavgm"`` the noised average is a pseudo-gradient for server
+momentum (DP-FedAvgM): v <- momentum * v + average, model <- model + server-lr * v.
+It uses only released values, so it is post-processing: the guarantee is unchanged,
+and the momentum averages the noise of several rounds away.
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ from smallfed.privacy.user_dp import UserLevelDP
 class UserLevelDPLayer(Layer):
     """DP-FedAvg: clipped updates, a noised sum, an accountant that stops at the budget."""
 
-    def __init__(self, strategy: Strategy, dp: UserLevelDP) -> None:
+    def __init__(self, strategy: Strategy, dp: UserLevelDP, server_lr: float = 1.0,
+                 momentum: float = 0.0) -> None:
         super().__init__(strategy)
         self.dp = dp
+        self.server_lr, self.momentum = server_lr, momentum
+        self._velocity: dict[str, np.ndarray] = {}
         self.aggregated = 0
         self._global: dict[str, np.ndarray] = {}  # empty: the round was skipped
         self._support: dict[str, np.ndarray] = {}  # the round's shared subspace, if any
@@ -76,7 +84,12 @@ class UserLevelDPLayer(Layer):
         log(INFO, "Round %d: DP-FedAvg over %d clients, clip %.4g (next %.4g), noise std %.4g",
             server_round, len(replies), clip_norm, self.dp.clip_norm,
             self.dp.update_noise * clip_norm / self.dp.expected_clients)
-        new = {k: (self._global[k] + average[k]).astype(self._global[k].dtype) for k in average}
+        if self.momentum:
+            self._velocity = {k: self.momentum * self._velocity.get(k, 0.0) + v
+                              for k, v in average.items()}
+            average = self._velocity
+        new = {k: (self._global[k] + self.server_lr * average[k]).astype(self._global[k].dtype)
+               for k in average}
         return arrays_record(new), MetricRecord({"clients": len(replies), "dp-clip": clip_norm})
 
     def round_stats(self) -> dict[str, float]:
@@ -87,7 +100,8 @@ class UserLevelDPLayer(Layer):
         return self.dp.epsilon, self.dp.epsilon
 
     def state(self) -> dict:
-        return {"user_dp": self.dp.state()}
+        return {"user_dp": self.dp.state(), "velocity": self._velocity}
 
     def restore(self, state: dict) -> None:
         self.dp.restore(state["user_dp"])
+        self._velocity = dict(state.get("velocity", {}))
