@@ -94,3 +94,15 @@ def test_top_k_under_dp_sgd_is_warned_about_with_the_subspace_suggested() -> Non
     assert "top-k of a DP-SGD update keeps mostly noise" in advice and "subspace" in advice
     assert codec_advice(Config(privacy="sample", codec="randk:0.1")) == ""
     assert codec_advice(Config(privacy="user", codec="topk:0.01")) == ""  # clipped after
+
+
+def test_error_feedback_carries_what_the_subspace_left_out(tmp_path: Path) -> None:
+    """Without privacy, subspace is random-k on a shared index set; with error feedback
+    the coordinates left out of one round's subspace are sent in a later one."""
+    accuracy = {}
+    for codec in ("quantize:8", "quantize:8,error_feedback"):
+        cfg = Config(num_server_rounds=3, local_epochs=1, seed=5, subspace=0.1, codec=codec,
+                     num_clients=4, clients_per_round=4)
+        accuracy[codec] = simulate(cfg, tmp_path / codec, progress=False)["summary"][
+            "final_accuracy"]
+    assert accuracy["quantize:8,error_feedback"] > accuracy["quantize:8"] + 0.1

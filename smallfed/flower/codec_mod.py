@@ -10,13 +10,17 @@ When the server prunes the model, the train message carries the masks, and the
 update holds only the unpruned coordinates of each pruned tensor, encoded with the
 codec (an identity codec then sends them as raw fp32): the server knows the masks.
 A shared random subspace (its seed in the train config) narrows that to the
-subspace's coordinates the same way.
+subspace's coordinates the same way; with error feedback, what falls outside this
+round's subspace stays in the residual for a later round's (user-level DP clips
+whatever is sent, and under DP-SGD nothing falls outside: see
+:mod:`smallfed.privacy.subspace`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -57,24 +61,32 @@ def make_codec_mod(
         received = msg.content[ARRAYS_KEY]
         if is_payload(received):
             msg.content[ARRAYS_KEY] = arrays_record(down.decode(record_payload(received), template))
-        masks = combine(read_masks(msg.content, template),
-                        round_subspace(msg.content["config"], template))
+        pruning = read_masks(msg.content, template)
+        subspace = round_subspace(msg.content["config"], template)
+        masks = combine(pruning, subspace)
         start = record_arrays(msg.content[ARRAYS_KEY])
         reply = call_next(msg, context)
         if reply.has_error() or (up.is_identity and not masks) or ARRAYS_KEY not in reply.content:
             return reply
         trained = record_arrays(reply.content[ARRAYS_KEY])
         delta = {name: trained[name] - start[name] for name in template}
-        residual = None
+        residual, held = None, {}
         if up.error_feedback and RESIDUAL_KEY in context.state:
-            residual = compact(record_arrays(context.state[RESIDUAL_KEY]), masks)
+            held = record_arrays(context.state[RESIDUAL_KEY])
+            residual = compact(held, masks)
         server_round = int(msg.content["config"]["server-round"])
         payload, residual = up.encode(compact(delta, masks),
                                       encoding_seed(seed, server_round, client_key(context),
                                                     downlink=False),
                                       residual)
         if residual is not None:  # kept dense; what fell on pruned weights is gone with them
-            context.state[RESIDUAL_KEY] = arrays_record(expand(residual, masks, template))
+            kept = expand(residual, masks, template)
+            for name, inside in subspace.items():  # what the subspace left out waits too
+                left = np.where(inside, 0.0, delta[name] + held.get(name, 0.0))
+                if name in pruning:
+                    left = left * pruning[name]
+                kept[name] = (kept[name] + left).astype(np.float32)
+            context.state[RESIDUAL_KEY] = arrays_record(kept)
         reply.content[ARRAYS_KEY] = payload_record(payload)
         return reply
 
