@@ -8,7 +8,12 @@ against dense fp32. Writes benchmarks/results/dp_mnist.json (or ``--out``).
 
     python benchmarks/dp_mnist.py [--rounds 30] [--workers 2] [--points LABEL ...]
         [--set KEY=VALUE ...] [--dp-set KEY=VALUE ...] [--central-set KEY=VALUE ...]
-        [--out FILE]
+        [--fast-scatter] [--out FILE]
+
+``--fast-scatter`` (model = scatter-linear only) trains its GroupNorm + Linear on
+precomputed scattering features: the same model, per-sample gradients and mechanism
+(the scattering is fixed), about 35x faster on CPU. The issue-16 runs and their
+commands: BENCHMARKS.md, "Private and compressed"; results in benchmarks/results/dp16_*.
 
 ``--dp-set`` changes the private points only (DP-SGD wants other local training than
 the non-private run, which keeps mnist.toml's tuned settings); ``--set`` changes every
