@@ -512,3 +512,16 @@ def test_clients_epsilons_count_only_under_sample_level_dp() -> None:
     lie.content["metrics"]["epsilon"] = 0.01
     reports.aggregate_train(1, [lie])
     assert reports.epsilon() is None
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad"])
+def test_server_optimizers_keep_the_models_dtypes(name: str, tiny_cfg: Config,
+                                                  tmp_path: Path) -> None:
+    """Flower's FedOpt strategies aggregate in float64; the next round's dense float32
+    updates must still match the model sent (they were all rejected from round 2)."""
+    cfg = tiny_cfg.replace(strategy=name, num_server_rounds=3, server_lr=0.01)
+    grid = InProcessGrid(build_client_app(cfg), cfg.num_clients, cfg.to_dict())
+    build_server_app(cfg, tmp_path)(grid, grid.server_context())
+    rounds = json.loads((tmp_path / "results.json").read_text())["rounds"]
+    assert [r["clients"] for r in rounds] == [0, 4, 4, 4]
+    assert all(r["updates_rejected"] == 0 for r in rounds)

@@ -95,23 +95,28 @@ def planned_rounds(cfg: Config) -> int:
     return max(1, int(binom.ppf(cfg.dp_plan_quantile, cfg.num_server_rounds, rate)))
 
 
-@lru_cache(maxsize=1024)
 def noise_for(cfg: Config, num_examples: int) -> float:
     """The noise multiplier: ``dp-noise``, or the one that spends ``dp-target-epsilon``
     over the planned rounds and local epochs of a client with ``num_examples`` records.
+    """
+    if cfg.dp_target_epsilon <= 0:
+        return cfg.dp_noise
+    return _noise_search(cfg.dp_target_epsilon, cfg.dp_delta, sample_rate(cfg, num_examples),
+                         planned_rounds(cfg) * steps_per_round(cfg, num_examples),
+                         cfg.dp_accountant)
 
-    Cached: the search calls the accountant a dozen times, about a second with PRV.
+
+@lru_cache(maxsize=4096)
+def _noise_search(target: float, delta: float, rate: float, steps: int, accountant: str
+                  ) -> float:
+    """Opacus's noise search, cached on what it depends on: clients of different sizes
+    often share a sample rate and step count (with batch 64, every client of 65-128
+    records), and the search calls the accountant a dozen times (about a second with PRV).
     """
     from opacus.accountants.utils import get_noise_multiplier
 
-    if cfg.dp_target_epsilon <= 0:
-        return cfg.dp_noise
-    return get_noise_multiplier(
-        target_epsilon=cfg.dp_target_epsilon, target_delta=cfg.dp_delta,
-        sample_rate=sample_rate(cfg, num_examples),
-        steps=planned_rounds(cfg) * steps_per_round(cfg, num_examples),
-        accountant=cfg.dp_accountant,
-    )
+    return get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=rate,
+                                steps=steps, accountant=accountant)
 
 
 def planned_step(cfg: Config, records: int) -> tuple[float, float, int]:

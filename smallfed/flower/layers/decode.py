@@ -94,7 +94,20 @@ class DecodeUpdates(Layer):
                 reject(server_round, reply, problem)
             else:
                 good.append(reply)
-        return self.strategy.aggregate_train(server_round, good)
+        arrays, metrics = self.strategy.aggregate_train(server_round, good)
+        return self._as_sent(arrays), metrics
+
+    def _as_sent(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The aggregate in the dtypes of the model sent: Flower's FedOpt strategies
+        (FedAdam, FedYogi, FedAdagrad) return float64, and next round every float32
+        update would then be rejected as not matching the model."""
+        if arrays is None or not self._global:
+            return arrays
+        values = record_arrays(arrays)
+        if all(values[k].dtype == v.dtype for k, v in self._global.items() if k in values):
+            return arrays
+        return arrays_record({k: v.astype(self._global[k].dtype) if k in self._global else v
+                              for k, v in values.items()})
 
     @property
     def encoded(self) -> bool:
