@@ -124,10 +124,10 @@ def scatter_linear_head(input_shape, num_classes):
 def cache_noise_search() -> None:
     """Memoise Opacus's noise search on (epsilon, delta, rate, steps, accountant), on disk.
 
-    smallfed caches it per (config, client size); clients of different sizes often share
-    the rate and steps (every client with at most ``batch-size`` records has rate 1),
-    and every point of a sweep searches again. Same function, same answers: only the
-    repeats are skipped. The cache lives in /tmp, shared by the workers.
+    smallfed caches it on the same key, but in memory, per process: the benchmark's
+    workers and points each start a new one and would search again. Same function,
+    same answers: only the repeats are skipped. The cache lives in /tmp, shared by the
+    workers.
     """
     import opacus.accountants.utils as utils
 

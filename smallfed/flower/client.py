@@ -103,8 +103,8 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
     def handle_train(msg: Message, context: Context) -> Message:
         config = config_of(context)
         floor = DeviceFloor.of(context.node_config)
-        if floor is not None and config.privacy != "sample":
-            return decline(msg, floor.refusal(config, [], (0.0, 1.0, 1)))
+        if floor is not None and (reason := floor.mode_refusal(config)):
+            return decline(msg, reason)
         model = load_record(fresh_model(config, msg), msg.content[ARRAYS_KEY])
         x, y = client_data(config, context)
         check_data(msg, x, y)

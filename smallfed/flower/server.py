@@ -46,7 +46,6 @@ from smallfed.flower.layers import (
     stack_stats,
 )
 from smallfed.models import build_model, model_report
-from smallfed.flower.layers.user_dp import UserLevelDPLayer
 from smallfed.privacy import NEIGHBOURING, check_privacy_config
 from smallfed.report.results import RoundRecord, RunRecorder
 from smallfed.training import evaluate
@@ -225,10 +224,6 @@ def privacy_block(cfg: Config, strategy: Strategy) -> dict[str, Any] | None:
     block: dict[str, Any] = {
         "level": cfg.privacy, "neighbouring": NEIGHBOURING[cfg.privacy],
         "accountant": cfg.dp_accountant, "delta": cfg.dp_delta, "secure_rng": cfg.dp_secure_rng}
-    layer = find(strategy, UserLevelDPLayer)
-    if layer is not None:
-        return {**block, "noise_multiplier": layer.dp.noise, "sample_rate": layer.dp.sample_rate,
-                "rounds_accounted": len(layer.dp.history), "epsilon": layer.dp.epsilon}
     return {**block, **(stack_privacy(strategy) or {"clients": {}})}
 
 

@@ -50,12 +50,18 @@ def cnn_tiny(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     gradients stay exact, and FedAvg has no running statistics to average.
     About 106k parameters on 28x28 inputs.
     """
-    channels, height, width = image_shape("cnn-tiny", input_shape)
+    return _cnn_tiny("cnn-tiny", input_shape, num_classes, nn.ReLU)
+
+
+def _cnn_tiny(name: str, input_shape: tuple[int, ...], num_classes: int,
+              activation: Callable[[], nn.Module]) -> nn.Module:
+    channels, height, width = image_shape(name, input_shape)
     return nn.Sequential(
-        nn.Conv2d(channels, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(channels, 16, 3, padding=1), nn.GroupNorm(4, 16), activation(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(8, 32), activation(), nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(32 * (height // 4) * (width // 4), 64), nn.ReLU(),
+        nn.Linear(32 * (height // 4) * (width // 4), 64), activation(),
         nn.Linear(64, num_classes),
     )
 
@@ -188,14 +194,7 @@ def cnn_tiny_tanh(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     (Papernot et al., "Tempered sigmoid activations for deep learning with differential
     privacy", AAAI 2021).
     """
-    channels, height, width = image_shape("cnn-tiny-tanh", input_shape)
-    return nn.Sequential(
-        nn.Conv2d(channels, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.Tanh(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.Tanh(), nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * (height // 4) * (width // 4), 64), nn.Tanh(),
-        nn.Linear(64, num_classes),
-    )
+    return _cnn_tiny("cnn-tiny-tanh", input_shape, num_classes, nn.Tanh)
 
 
 def build_model(

@@ -55,11 +55,18 @@ class DeviceFloor:
             values[key.removeprefix("dp-").replace("-", "_")] = value
         return cls(**values) if values else None
 
+    @staticmethod
+    def mode_refusal(cfg: Config) -> str:
+        """Why this device will not train in ``cfg``'s privacy mode at all, or ''."""
+        if cfg.privacy == "sample":
+            return ""
+        return (f"this device trains only under sample-level DP (its node config sets a "
+                f"privacy floor); the run asks privacy = '{cfg.privacy}'")
+
     def refusal(self, cfg: Config, history: History, step: tuple[float, float, int]) -> str:
         """Why the run's request falls below this floor, or '' when it does not."""
-        if cfg.privacy != "sample":
-            return (f"this device trains only under sample-level DP (its node config sets a "
-                    f"privacy floor); the run asks privacy = '{cfg.privacy}'")
+        if reason := self.mode_refusal(cfg):
+            return reason
         if cfg.dp_reproducible:
             return ("the run draws its DP noise from its seed (dp-reproducible), which lets "
                     "the server regenerate and remove it; this device's floor refuses that")

@@ -52,6 +52,7 @@ class Ledger:
 
     history: History = field(default_factory=list)
     path: Path | None = None  # None: kept in the node's state (simulation)
+    entries: list[dict] = field(default_factory=list)  # the file's, on a device
 
     @classmethod
     def open(cls, context: Context, *, must_exist: bool = False) -> Ledger:
@@ -77,12 +78,13 @@ class Ledger:
                     f"{path} is missing, but {why}: refusing to train rather than restart "
                     "the privacy accountant at zero; restore the file from a backup")
             return cls(path=path)
-        history = read_ledger(path)
+        entries = read_entries(path)
+        history = _history(entries)
         if len(history) < written:
             raise LedgerError(
                 f"{path} holds {len(history)} rounds, but this node has written {written}: "
                 "the file was rolled back; refusing to train until it is restored")
-        return cls(history, path)
+        return cls(history, path, entries)
 
     def add(self, context: Context, step: tuple[float, float, int], run_id: int) -> None:
         """Record a round that is about to be released: on disk (fsynced) before the reply."""
@@ -92,11 +94,11 @@ class Ledger:
             context.state[STATE_HISTORY_KEY] = ConfigRecord(
                 {"noise": list(noise), "rate": list(rate), "steps": list(steps)})
             return
-        entries = read_entries(self.path) if self.path.exists() else []
-        entries.append({"noise": step[0], "rate": step[1], "steps": step[2], "run": run_id,
-                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        write_entries(self.path, entries)
-        context.state[STATE_WRITTEN_KEY] = ConfigRecord({"entries": len(entries)})
+        self.entries.append({"noise": step[0], "rate": step[1], "steps": step[2],
+                             "run": run_id,
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        write_entries(self.path, self.entries)
+        context.state[STATE_WRITTEN_KEY] = ConfigRecord({"entries": len(self.entries)})
 
 
 def create_ledger(data_dir: str | Path) -> bool:
@@ -165,7 +167,11 @@ def read_entries(path: Path) -> list[dict]:
 
 
 def read_ledger(path: Path) -> History:
-    return [(float(e["noise"]), float(e["rate"]), int(e["steps"])) for e in read_entries(path)]
+    return _history(read_entries(path))
+
+
+def _history(entries: list[dict]) -> History:
+    return [(float(e["noise"]), float(e["rate"]), int(e["steps"])) for e in entries]
 
 
 def _valid(entry: object) -> bool:

@@ -99,6 +99,11 @@ class UserLevelDPLayer(Layer):
         """Every client has the same guarantee: the server's accountant's."""
         return self.dp.epsilon, self.dp.epsilon
 
+    def privacy(self) -> dict:
+        """The server's mechanism and how many rounds its accountant composed."""
+        return {"noise_multiplier": self.dp.noise, "sample_rate": self.dp.sample_rate,
+                "rounds_accounted": len(self.dp.history), "epsilon": self.dp.epsilon}
+
     def state(self) -> dict:
         return {"user_dp": self.dp.state(), "velocity": self._velocity}
 
