@@ -19,14 +19,14 @@ The pipeline (:meth:`IntegerEncoding.encode`) and why each step
    random-sign sum whose variance is ``|x_B|^2 / m`` (x_B: the coordinates the
    permutation put in the block), on average ``|x|^2 / d``. Without it, one large
    coordinate would force a coarse grid or many bits; with it, the sum of n clients
-   needs about ``log2(k * n * C / (gamma * sqrt(d)))`` bits per coordinate.
+   needs about ``log2(2k * n * C / (gamma * sqrt(d)))`` bits per coordinate.
    Small blocks flatten less: a spike that the permutation sends into a block of size
    m (probability m/d) stays ``1/sqrt(m)`` of its size instead of ``1/sqrt(d)``. This
    costs only the modular-wrap probability of that coordinate (utility), never privacy;
    dense model updates spread over all blocks in proportion.
 3. **Scale** by ``1/gamma`` (``scale`` is gamma, the grid step): C becomes ``c = C/gamma``
    integer units.
-4. **Conditional randomized rounding** (their Sec. 4.1): each coordinate rounds up with
+4. **Conditional randomized rounding**: each coordinate rounds up with
    probability its fractional part (unbiased), redrawn until the rounded vector's norm
    is at most ``sensitivity = min(c + sqrt(d), sqrt(c^2 + d/4 + sqrt(2 ln(1/beta)) *
    (c + sqrt(d)/2)))`` (their Theorem 1's bound, ``accounting_utils.
@@ -45,8 +45,9 @@ What the accountant is told, and why that is sound
 --------------------------------------------------
 With n clients' shares in the sum the noise is a sum of n independent N_Z(0, s^2)
 (s = ``noise_std``), which is not itself a discrete Gaussian. Kairouz et al.'s
-Theorem 1 (in the Renyi form their accounting code uses, ``accounting_utils.
-compute_rdp_dgaussian``, "Proposition 14 / Eq. 17", third term) bounds the mechanism
+analysis of such sums (their Theorem 1, in the Renyi form of their Proposition 14 /
+Eq. 17 as ``accounting_utils.compute_rdp_dgaussian`` implements it; its third term
+is the one used here) bounds the mechanism
 ``X -> X + Y`` on integer vectors of L2 sensitivity Delta by
 ``D_alpha <= (alpha / 2) * (Delta / (sqrt(n) s) + tau sqrt(d))^2`` for all alpha > 1,
 with ``tau = 10 * sum_{k=1}^{n-1} exp(-2 pi^2 s^2 k / (k + 1))``. That is the Renyi
@@ -55,9 +56,9 @@ curve of the Gaussian mechanism with noise multiplier
 noise_multiplier` returns z' and refuses (ValueError) when the tau term changes it by
 more than 1e-6 relative (``z tau sqrt(d) > 1e-6``): then the per-round zCDP parameter
 ``1/(2 z'^2)`` is within 2e-6 relative of the central mechanism's at z. With the noise
-plan_encoding picks, tau is below 1e-20: the distributed mechanism at z' *is* the
-central Gaussian mechanism at z' in Renyi terms, so the lead feeds z' (at the number of
-survivors, at least ``min_survivors``) into the same accountant as central DP.
+plan_encoding picks, tau is below 1e-20. In Renyi terms the distributed mechanism is
+then no worse than the central Gaussian mechanism at z', so z' (at the number of
+survivors, at least ``min_survivors``) goes into the same accountant as central DP.
 
 Poisson subsampling of clients is argued exactly as :mod:`smallfed.privacy.secure`
 argues it for one discrete Gaussian, and the argument carries over unchanged: Opacus's
@@ -81,8 +82,8 @@ Assumptions the guarantee rests on
   add/remove relation the noise variance itself changes by a factor (n + 1)/n; against
   an adversary that knows every other update exactly that is worth about d/(4 n^2) nats
   of KL per round (d = 13802, n = 67: 0.77), which the Gaussian accountant does not
-  count. Like the papers, we take the participant set as public (SecAgg reveals it) and
-  the accounting as the central mechanism's.
+  count. This gap is not closed here: like Kairouz et al. and TFF, the accounting
+  treats an absent client as a participant with a zero update.
 * **Amplification by sampling needs a secret sample.** The server that runs SecAgg
   learns which clients took part, so against the server itself only the unsampled
   guarantee (sample rate 1) holds; the subsampled epsilon protects against those who
@@ -265,9 +266,9 @@ class IntegerEncoding:
 
     def _round(self, y: np.ndarray) -> np.ndarray:
         """Randomized rounding with OS randomness, redrawn until ``|r|^2 <= sensitivity^2``
-        holds in exact integers. The cap on tries is never reached by a clipped input
-        (each try passes with probability >= 1 - beta); it stops a loop forever on a
-        scale/clip pair that was not constructed through this class's checks."""
+        holds in exact integers. The cap on tries is a safety net: a clipped input passes
+        each try with probability >= 1 - beta, so 1000 failures (chance < beta^1000) mean
+        float error beyond the bound's slack, not bad luck."""
         floor = np.floor(y)
         fraction = y - floor
         floor = floor.astype(np.int64)
@@ -322,8 +323,8 @@ def _solve(dimension: int, clip: float, bits: int, noise_multiplier: float,
     n, half = max_clients, 2.0 ** (bits - 1)
 
     def noise(c: float) -> float:  # (1 + 1e-6): the tau allowance of noise_multiplier
-        delta = rounded_norm_bound(c, beta, dimension)
-        return _noise_grid(noise_multiplier * delta / math.sqrt(min_survivors) * (1 + TAU_TOLERANCE))
+        delta = rounded_norm_bound(c, beta, dimension) * (1 + TAU_TOLERANCE)
+        return _noise_grid(noise_multiplier * delta / math.sqrt(min_survivors))
 
     def fits(c: float) -> bool:
         spread = n * n * c * c / dimension + n / 4 + n * noise(c) ** 2
@@ -362,7 +363,9 @@ def plan_encoding(*, dimension: int, clip: float, bits: int, noise_multiplier: f
         noise_multiplier``: the accountant's z is honoured), and
     (b) the sum of up to ``max_clients`` encodings, signal and noise, stays within
         [-2^(b-1), 2^(b-1)) with k_stddevs of margin per coordinate (TFF's choice of
-        scale; for flat updates a coordinate wraps with probability <= 2 exp(-k^2/2)).
+        scale; for updates the rotation spreads evenly, every term is subgaussian and a
+        coordinate wraps with probability about 2 exp(-k^2/2) at most: 6.7e-4 at k = 4,
+        6.3e-5 if the sum is close to Gaussian).
 
     The finest grid satisfying (b) minimises the rounding error and the inflation. A
     noise multiplier of 0 means no DP: no noise, gamma from the signal range only.
