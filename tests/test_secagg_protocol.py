@@ -85,7 +85,8 @@ class Cohort:
                              {i: self.s_publics[i] for i in self.senders}, self.masked, shares)
 
     def expected(self) -> np.ndarray:
-        return self.vectors[sorted(self.masked)].sum(axis=0) & np.uint64((1 << self.params.bits) - 1)
+        top = np.uint64((1 << self.params.bits) - 1)
+        return self.vectors[sorted(self.masked)].sum(axis=0) & top
 
 
 def cohort(shape: tuple[int, int, int], seed: int = 0, bits: int = 16, length: int = 50,
@@ -252,6 +253,13 @@ def test_each_owner_gets_exactly_one_share() -> None:
     owners, shares = client_unmask(c.states[0], survivors, dropped)
     assert owners == list(range(10)) and all(len(s) == 16 for s in shares)
     assert dropped == [9]
+
+
+def test_after_masking_a_client_keeps_no_key_and_no_self_mask_seed() -> None:
+    c = cohort(FULL)
+    c.share()
+    c.mask()
+    assert not {"c-private", "s-seed", "b"} & set(c.states[0])
 
 
 def test_a_tampered_or_misrouted_ciphertext_is_rejected() -> None:

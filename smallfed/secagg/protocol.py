@@ -27,14 +27,17 @@ What it guarantees and what it trusts:
   plus any t-1 of them learn nothing about that party's ``b`` or mask secret.
 - In a sparse graph the server learns the sum of each connected component of the
   survivors' graph; with the Harary graph on a random permutation it splits only if two
-  runs of (K-1)/2 ring-consecutive parties all drop (about (n * delta^((K-1)/2))^2 for a
-  drop rate delta: ~5e-11 for n = 100, K = 30, delta = 1/3).
+  runs of (K-1)//2 ring-consecutive parties all drop (probability about
+  (n * delta^((K-1)//2))^2 / 2 for a drop rate delta: ~2e-10 for n = 100, K = 30,
+  delta = 1/3).
 - A malicious server could lie about dropouts: tell some holders a party survived and
   others that it dropped, and so collect both of its secrets. What each client enforces
   in round 4: survivors and dropped are disjoint, every sender is in one of them, at least
   ``min_survivors`` survivors and at least t among its own share-holders (so at least one
   surviving pairwise mask still hides it), and one answer per round (the caller deletes the
-  state afterwards). When 2t > K (the full graph with max_dropout < 1/2) two disjoint sets
+  state afterwards). A client cannot check names outside its neighbourhood, so in a
+  sparse graph ``min_survivors`` holds only against a server that does not lie about
+  them. When 2t > K (the full graph with max_dropout < 1/2) two disjoint sets
   of t holders do not exist, so those lies cannot rebuild both secrets of anyone.
   Public keys are not authenticated (no PKI): a malicious server could substitute them.
 - No integrity against hostile clients: a client may send any vector in Z_{2^bits}, or a
@@ -197,7 +200,7 @@ def choose_degree(n: int, max_dropout: float) -> tuple[int, int]:
 
 def _largest_threshold(n: int, dropped: int, degree: int) -> int:
     """The largest t with n * P[more than K - t of K holders drop] <= FAILURE_BOUND (0 if none)."""
-    from scipy.stats import hypergeom
+    from scipy.stats import hypergeom  # here: clients import this module, only servers plan
 
     # tails[m] = P[X > m - 1], X = dropped holders ~ Hypergeom(n, dropped, K)
     tails = hypergeom.sf(np.arange(-1, degree + 1), n, dropped, degree)
@@ -294,8 +297,9 @@ def _self_mask(b: bytes, params: Params) -> np.ndarray:
 
 def _share_cipher(private: X25519PrivateKey, public: bytes, sender: int, receiver: int,
                   other: int) -> tuple[ChaCha20Poly1305, bytes]:
-    """The AEAD for the one message sender -> receiver and its associated data (both indices,
-    so a ciphertext relayed to another party or under another sender's name fails)."""
+    """The AEAD for the one message sender -> receiver (``public`` is party ``other``'s c
+    key) and its associated data: both indices, so a ciphertext relayed to another party or
+    under another sender's name fails."""
     label = sender.to_bytes(4, "big") + receiver.to_bytes(4, "big")
     key = _kdf(_agree(private, public, other), b"share-key", sender, receiver)
     return ChaCha20Poly1305(key), label
