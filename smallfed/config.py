@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -198,6 +199,26 @@ class Config:
         "DP the clipping and noise act in that subspace only, so the noise scales with its "
         "size (0: off).", ge=0, lt=1)
 
+    # --- secure aggregation --------------------------------------------------
+    secure_aggregation: bool = _key(
+        False,
+        "SecAgg+ (Bell et al. 2020): each client clips its update, encodes it as integers "
+        "(secagg-bits a coordinate) and masks it, so the server learns only the sum of the "
+        "round's cohort. With privacy = 'user' the clients add the noise (distributed "
+        "discrete Gaussian), so the server never sees an update in the clear; with privacy "
+        "= 'none' each update is clipped to update-clip. README 'Secure aggregation'.")
+    secagg_bits: int = _key(
+        16, "Secure aggregation: bits per coordinate (the secure sum is taken modulo "
+        "2^bits); the encoding's scale is chosen so that the cohort's sum fits.", ge=2, le=62)
+    secagg_max_dropout: float = _key(
+        1 / 3,
+        "Secure aggregation: the share of a round's cohort that may drop and the round "
+        "still aggregates; each client's noise assumes only the rest survive, and fewer "
+        "survivors fail the round.", ge=0, lt=1)
+    secagg_timeout_s: float = _key(
+        120.0, "Secure aggregation: how long each of the protocol's key, share and unmask "
+        "exchanges waits for replies (the training exchange waits as any round).", gt=0)
+
     # --- privacy --------------------------------------------------------------
     privacy: str = _key(
         "none",
@@ -351,6 +372,8 @@ class Config:
                 f"min-replies: {self.min_replies} is more than clients-per-round "
                 f"({self.clients_per_round}); no round could succeed"
             )
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
         from smallfed.flower.strategies import check_strategy  # it imports this module
 
         check_strategy(self)
@@ -379,6 +402,42 @@ class Config:
         from smallfed.data.datasets import check_dataset_name
 
         check_dataset_name(self.dataset)
+
+    def _check_secure_aggregation(self) -> None:
+        """What secure aggregation cannot run with: the server sees only a sum."""
+        if self.privacy == "sample":
+            raise ConfigError(
+                "secure-aggregation: with privacy = 'sample' each client already noises its "
+                "own update; secure aggregation runs with privacy = 'user' (the clients add "
+                "the noise together) or 'none'")
+        if self.privacy == "none" and self.update_clip <= 0:
+            raise ConfigError(
+                "update-clip: secure aggregation needs a fixed bound on each update (the "
+                "server cannot see norms to choose one); set update-clip > 0, e.g. 1.0")
+        if self.privacy == "user" and self.dp_clip_mode == "adaptive":
+            raise ConfigError(
+                "dp-clip-mode: adaptive clipping counts unclipped updates on the server, "
+                "which secure aggregation hides; set dp-clip-mode = 'fixed'")
+        if self.strategy not in ("fedavg", "fedavgm"):
+            raise ConfigError(
+                f"strategy: secure aggregation releases only the cohort's sum, so "
+                f"{self.strategy!r} (which needs each update) cannot run on it; use fedavg "
+                "or fedavgm")
+        for key, value in (("codec", self.codec), ("codec-down", self.codec_down)):
+            if not parse_codec(value).is_identity:
+                raise ConfigError(
+                    f"{key}: secure aggregation sends its own integer encoding (secagg-bits "
+                    f"a coordinate) instead of a codec; set {key} = 'none' and use subspace "
+                    "to send fewer coordinates")
+        if self.prune != "none" or self.share_weights or self.qat_rounds:
+            raise ConfigError(
+                "secure-aggregation: pruning, weight sharing and QAT are not supported with "
+                "it yet; set prune = 'none', share-weights = 0 and qat-rounds = 0")
+        if math.ceil((1 - self.secagg_max_dropout) * self.clients_per_round) < 3:
+            raise ConfigError(
+                f"clients-per-round: {self.clients_per_round} with secagg-max-dropout "
+                f"{self.secagg_max_dropout:g} may leave fewer than 3 updates in a sum, which "
+                "would reveal too much of each; sample more clients a round")
 
     # --- construction -------------------------------------------------------
     @classmethod

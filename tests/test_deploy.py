@@ -375,6 +375,70 @@ def test_a_node_killed_while_training_and_a_superlink_restart(tmp_path: Path) ->
     assert all(r["clients"] >= 1 for r in rounds[1:])
 
 
+# A device that dies between its masked upload and the unmasking: when the unmask
+# message reaches it, it says so in a file and waits to be killed.
+DIES_BEFORE_UNMASK = """
+import os, time
+from pathlib import Path
+from flwr.clientapp import ClientApp
+
+_honest = ClientApp.__call__
+
+
+def _dies(self, message, context):
+    if message.metadata.message_type == "query.secagg_unmask":
+        Path(os.environ["SMALLFED_TEST_MARKER"]).write_text("unmasking")
+        time.sleep(600)
+    return _honest(self, message, context)
+
+
+ClientApp.__call__ = _dies
+"""
+
+
+def test_secure_aggregation_survives_a_node_killed_before_unmasking(tmp_path: Path) -> None:
+    """Four SuperNodes run SecAgg+ with distributed DP over TLS; one is killed after it
+    sent its masked update, before it sends its unmasking shares. The other three rebuild
+    its self-mask, so the round sums all four updates; the server never holds one alone."""
+    cfg = Config(num_clients=4, clients_per_round=4)
+    certs, keys = federation_files(tmp_path, cfg, 4)
+    port, out = free_port(), tmp_path / "results"
+    env = flwr_env(tmp_path / "flwr-home", port, certs["ca.crt"])
+    (tmp_path / "dies").mkdir()
+    (tmp_path / "dies" / "sitecustomize.py").write_text(DIES_BEFORE_UNMASK)
+    marker = tmp_path / "unmasking"
+    procs = Processes(env, tmp_path)
+    config = (f"num-server-rounds=1 num-clients=4 clients-per-round=4 out-dir='{out}' "
+              "secure-aggregation=true privacy='user' dp-noise=0.5 dp-clip=0.5 "
+              "fraction-evaluate=0.0 secagg-timeout-s=30.0")
+    try:
+        start_superlink(procs, tmp_path, port)
+        nodes = []
+        for i, (private, public) in enumerate(keys):
+            register(env, public).check_returncode()
+            node_env = dict(env, PYTHONPATH=str(tmp_path / "dies"),
+                            SMALLFED_TEST_MARKER=str(marker)) if i == 0 else None
+            nodes.append(procs.start(f"supernode{i}", edge_command(
+                port, private, tmp_path / f"data{i}", certs["ca.crt"]), env=node_env))
+        run = procs.start("run", [str(BIN / "flwr"), "run", ".", "tls", "--stream",
+                                  "--run-config", config])
+        deadline = time.monotonic() + 400
+        while not marker.exists() and time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.2)
+        assert marker.exists(), (tmp_path / "run.log").read_text()[-3000:]
+        os.killpg(nodes[0].pid, signal.SIGKILL)  # after its masked update, before unmasking
+        assert run.wait(timeout=300) == 0
+    finally:
+        procs.stop_all(str(tmp_path))
+    assert not pids_using(str(tmp_path))
+    results = json.loads((out / "results.json").read_text())
+    last = results["rounds"][-1]
+    assert last["clients"] == 4  # the killed node's update is in the sum
+    assert last["secagg_bytes_up"] > 0
+    assert results["summary"]["privacy"]["mechanism"].startswith("distributed discrete")
+    assert "secure sum of 4 of 4 clients" in (tmp_path / "run.log").read_text()
+
+
 def test_no_training_sample_leaves_a_client(tmp_path: Path) -> None:
     """Everything clients send: only the encoded update (or the model) and metrics."""
     from smallfed.flower.client import build_client_app

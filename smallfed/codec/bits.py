@@ -14,6 +14,8 @@ import numpy as np
 
 def pack_codes(codes: np.ndarray, bits: int) -> bytes:
     """Pack integer codes in [0, 2**bits) into ``bits`` bits each (big-endian bit order)."""
+    if bits > 8:
+        return _pack_wide(codes, bits)
     codes = np.asarray(codes, dtype=np.uint8)
     if bits == 8:
         return codes.tobytes()
@@ -33,6 +35,8 @@ def unpack_codes(data: bytes, count: int, bits: int) -> np.ndarray:
     needed = (count * bits + 7) // 8
     if len(data) != needed:
         raise ValueError(f"{count} codes of {bits} bits need {needed} bytes, got {len(data)}")
+    if bits > 8:
+        return _unpack_wide(data, count, bits)
     raw = np.frombuffer(data, dtype=np.uint8)
     if bits == 8:
         return raw.copy()
@@ -44,6 +48,24 @@ def unpack_codes(data: bytes, count: int, bits: int) -> np.ndarray:
     padded = np.zeros((count, 8), dtype=np.uint8)
     padded[:, 8 - bits :] = flat
     return np.packbits(padded, axis=1).reshape(-1)
+
+
+def _pack_wide(codes: np.ndarray, bits: int) -> bytes:
+    """Codes of 9 to 64 bits (secure aggregation's integers), same bit order as below 8."""
+    values = np.asarray(codes, dtype=np.uint64)
+    if bits in (16, 32, 64):
+        return values.astype(f">u{bits // 8}").tobytes()
+    planes = np.unpackbits(values.astype(">u8").view(np.uint8).reshape(-1, 8), axis=1)
+    return np.packbits(planes[:, 64 - bits:].reshape(-1)).tobytes()
+
+
+def _unpack_wide(data: bytes, count: int, bits: int) -> np.ndarray:
+    if bits in (16, 32, 64):
+        return np.frombuffer(data, dtype=f">u{bits // 8}").astype(np.uint64)
+    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: count * bits].reshape(count, bits)
+    padded = np.zeros((count, 64), dtype=np.uint8)
+    padded[:, 64 - bits:] = flat
+    return np.packbits(padded, axis=1).view(">u8").reshape(-1).astype(np.uint64)
 
 
 def encode_varints(values: np.ndarray) -> bytes:

@@ -27,6 +27,7 @@ from smallfed.config import Config
 from smallfed.data import federated_data
 from smallfed.devices import PROFILES, profile_of, training_memory_bytes
 from smallfed.flower.codec_mod import client_key, make_codec_mod
+from smallfed.flower.secagg import handle_keys, handle_shares, handle_unmask, make_secagg_mod
 from smallfed.flower.records import (
     ARRAYS_KEY,
     METRICS_KEY,
@@ -99,7 +100,7 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         return (parse_codec(config.codec), parse_codec(config.codec_down),
                 model_template(config, msg), config.seed)
 
-    @app.train(mods=[make_codec_mod(chains)])
+    @app.train(mods=[make_secagg_mod(config_of, model_template), make_codec_mod(chains)])
     def handle_train(msg: Message, context: Context) -> Message:
         config = config_of(context)
         floor = DeviceFloor.of(context.node_config)
@@ -154,6 +155,18 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         place = -1 if context.node_config.get("data-dir") else partition_id(context)
         metrics = MetricRecord({"partition-id": place})
         return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+    @app.query("secagg_keys")
+    def handle_secagg_keys(msg: Message, context: Context) -> Message:
+        return handle_keys(msg, context, config_of(context))
+
+    @app.query("secagg_shares")
+    def handle_secagg_shares(msg: Message, context: Context) -> Message:
+        return handle_shares(msg, context)
+
+    @app.query("secagg_unmask")
+    def handle_secagg_unmask(msg: Message, context: Context) -> Message:
+        return handle_unmask(msg, context)
 
     return app
 

@@ -99,6 +99,10 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return [n for n in self._contexts if n not in self._gone]
 
+    def place(self, node_id: int) -> int:
+        """The node's place in the population: its partition id."""
+        return self._index[node_id]
+
     def disconnect(self, node_id: int) -> None:
         """The node leaves, as a SuperNode that died (its state is kept for its return)."""
         self._gone.add(node_id)
@@ -125,9 +129,10 @@ class InProcessGrid(Grid):
     def _deliver(self, msg: Message) -> Message:
         msg.metadata.__dict__["_message_id"] = str(uuid4())
         context = self._contexts.get(msg.metadata.dst_node_id)
-        if context is None:
+        if context is None or msg.metadata.dst_node_id in self._gone:
             reply = Message(
-                Error(code=ErrorCode.UNKNOWN, reason=f"no node {msg.metadata.dst_node_id}"),
+                Error(code=ErrorCode.NODE_UNAVAILABLE if context else ErrorCode.UNKNOWN,
+                      reason=f"node {msg.metadata.dst_node_id} is not connected"),
                 reply_to=msg,
             )
         else:

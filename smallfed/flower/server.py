@@ -37,6 +37,7 @@ from smallfed.flower.records import (
 )
 from smallfed.flower.layers import (
     DeviceClock,
+    SecureAggregation,
     build_strategy,
     find,
     restore_stack,
@@ -128,6 +129,8 @@ class RoundStats:
     finished: int = 0
     clipped: int = 0  # updates scaled down to the norm bound
     rolled_back: int = 0
+    secagg_bytes_up: int = 0  # secure aggregation's own traffic, part of the round's bytes
+    secagg_bytes_down: int = 0
     sim_time_s: float | None = None
 
 
@@ -155,6 +158,7 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
     strategy = build_strategy(cfg, model, input_shape=dataset.input_shape, inner=inner, done=done,
                               partition_sizes=[len(p) for p in data.partitions])
     clock = find(strategy, DeviceClock)
+    secure = find(strategy, SecureAggregation) if cfg.secure_aggregation else None
     metered = MeteredGrid(grid)
     recorder = RunRecorder(
         config=cfg.to_dict(), model_params=report.params, model_fp32_bytes=report.fp32_bytes,
@@ -186,9 +190,12 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
             sampled=stats.sampled, sim_time_s=stats.sim_time_s if clock else None,
             clients_finished=stats.finished, clients_dropped=stats.dropped,
             clients_offline=stats.offline, updates_clipped=stats.clipped,
-            rolled_back=stats.rolled_back,
+            rolled_back=stats.rolled_back, secagg_bytes_up=stats.secagg_bytes_up,
+            secagg_bytes_down=stats.secagg_bytes_down,
         )
         recorder.privacy = privacy_block(cfg, strategy)
+        if secure is not None:
+            recorder.secure_aggregation = secure.summary_block()
         if clock is not None:
             rows = [asdict(row) for row in clock.take_rows()]
             if cfg.privacy != "user" or cfg.dp_publish_sample:

@@ -55,7 +55,7 @@ ROUND_FIELDS = (
     "round", "accuracy", "loss", "bytes_up", "bytes_down", "clients", "clients_failed",
     "updates_rejected", "clients_declined", "epsilon", "epsilon_mean", "wall_time_s",
     "sim_time_s", "clients_finished", "clients_dropped", "clients_offline", "updates_clipped",
-    "rolled_back",
+    "rolled_back", "secagg_bytes_up", "secagg_bytes_down",
 )
 
 
@@ -79,6 +79,9 @@ class RoundRecord:
     clients_offline: int = 0
     updates_clipped: int = 0  # updates scaled down to the server's norm bound
     rolled_back: int = 0  # 1: the aggregate was non-finite and the round was undone
+    # Secure aggregation's own traffic (keys, shares, unmasking), included in bytes_up/down.
+    secagg_bytes_up: int = 0
+    secagg_bytes_down: int = 0
 
 
 @dataclass
@@ -93,6 +96,7 @@ class RunRecorder:
     target_accuracy: float = 1.0
     rounds: list[RoundRecord] = field(default_factory=list)
     privacy: dict[str, Any] | None = None  # summary's privacy block, refreshed each round
+    secure_aggregation: dict[str, Any] | None = None  # summary's block: bits, coordinates, ...
     clients_rows: int = 0  # rows in clients.csv
     models_sent: int = 0
     elapsed_before: float = 0.0  # seconds spent before a resume
@@ -172,6 +176,10 @@ class RunRecorder:
             "epsilon": final.epsilon if final else None,
             "delta": self.delta,
             "privacy": self.privacy,
+            "secure_aggregation": self.secure_aggregation and {
+                **self.secure_aggregation,
+                "total_bytes_up": sum(r.secagg_bytes_up for r in self.rounds),
+                "total_bytes_down": sum(r.secagg_bytes_down for r in self.rounds)},
             "model_params": self.model_params,
             "model_fp32_bytes": self.model_fp32_bytes,
             "wall_time_s": round(self.elapsed(), 3),

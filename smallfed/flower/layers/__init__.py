@@ -22,6 +22,7 @@ from smallfed.flower.layers.decode import DecodeUpdates
 from smallfed.flower.layers.project import ProjectModel
 from smallfed.flower.layers.rollback import RollbackNonFinite
 from smallfed.flower.layers.sampling import Partitions, PartitionSampling, RoundOffset
+from smallfed.flower.layers.secure_agg import SecureAggregation
 from smallfed.flower.layers.validate import (
     AdmitReplies,
     ClientReports,
@@ -32,6 +33,6 @@ from smallfed.flower.layers.validate import (
 __all__ = [
     "AdmitReplies", "BoundUpdates", "ClientReports", "DecodeUpdates", "DeviceClock", "Layer",
     "PartitionSampling", "Partitions", "ProjectModel", "Quorum", "RollbackNonFinite",
-    "RoundOffset", "ValidateReplies", "adopt", "build_strategy", "find", "restore_stack",
+    "RoundOffset", "SecureAggregation", "ValidateReplies", "adopt", "build_strategy", "find", "restore_stack",
     "stack", "stack_epsilon", "stack_privacy", "stack_state", "stack_stats",
 ]

@@ -47,6 +47,11 @@ def build_strategy(  # pylint: disable=too-many-arguments
     ``inner``               Flower's strategy (or yours): models -> the next model
     ======================  ==========================================================
 
+    With ``secure-aggregation = true`` one layer, ``SecureAggregation``, stands in for
+    DecodeUpdates, BoundUpdates, ProjectModel and the DP layer (the server sees only the
+    cohort's masked sum: :mod:`smallfed.flower.layers.secure_agg`), above
+    RollbackNonFinite and the inner strategy.
+
     Replies travel up this table: a straggler is dropped before it is validated, a
     payload decoded before it is bounded; the broadcast travels down it.
     ``partition_sizes`` (simulation) lets the server check each client's example count.
@@ -61,7 +66,9 @@ def build_strategy(  # pylint: disable=too-many-arguments
 
     strategy = inner if inner is not None else make_inner_strategy(cfg)
     poisson = None
-    if cfg.privacy == "user":
+    if cfg.secure_aggregation:
+        strategy, poisson = _secure(cfg, strategy)
+    elif cfg.privacy == "user":
         # Here, not at the top: the accountant imports Opacus, which only DP needs.
         from smallfed.flower.layers.user_dp import UserLevelDPLayer
         from smallfed.privacy.user_dp import UserLevelDP
@@ -72,16 +79,19 @@ def build_strategy(  # pylint: disable=too-many-arguments
         poisson = (user_dp.sample_rate, user_dp.rng)
     else:
         strategy = Quorum(strategy, fewest_replies(cfg))
-    strategy = RollbackNonFinite(strategy)
-    if cfg.prune != "none" or cfg.share_weights:
-        strategy = ProjectModel(strategy, **_compaction(cfg, model))
-    if cfg.privacy != "user":  # else the DP layer clips every update to dp-clip
-        strategy = BoundUpdates(strategy, clip=cfg.update_clip, factor=cfg.update_clip_factor,
-                                max_examples=cfg.max_examples, known_examples=known_examples)
-    strategy = DecodeUpdates(strategy, seed=cfg.seed, codec_up=parse_codec(cfg.codec),
-                             codec_down=parse_codec(cfg.codec_down), subspace=cfg.subspace)
+    if not cfg.secure_aggregation:
+        strategy = RollbackNonFinite(strategy)
+        if cfg.prune != "none" or cfg.share_weights:
+            strategy = ProjectModel(strategy, **_compaction(cfg, model))
+        if cfg.privacy != "user":  # else the DP layer clips every update to dp-clip
+            strategy = BoundUpdates(strategy, clip=cfg.update_clip, factor=cfg.update_clip_factor,
+                                    max_examples=cfg.max_examples, known_examples=known_examples)
+        strategy = DecodeUpdates(strategy, seed=cfg.seed, codec_up=parse_codec(cfg.codec),
+                                 codec_down=parse_codec(cfg.codec_down), subspace=cfg.subspace)
+    # Under secure aggregation every reply counts 1: no example count to check.
     strategy = ClientReports(
-        ValidateReplies(strategy, known_examples, required_metrics(cfg)), partitions,
+        ValidateReplies(strategy, None if cfg.secure_aggregation else known_examples,
+                        required_metrics(cfg)), partitions,
         note_epsilons=cfg.privacy == "sample")
     if cfg.devices:
         from smallfed.devices import RoundClock, training_flops_per_sample
@@ -93,6 +103,19 @@ def build_strategy(  # pylint: disable=too-many-arguments
         strategy, partitions, clients_per_round=cfg.clients_per_round,
         fraction_evaluate=cfg.fraction_evaluate, seed=cfg.seed, poisson=poisson)
     return RoundOffset(strategy, done)
+
+
+def _secure(cfg: Config, strategy: Strategy) -> tuple[Strategy, tuple | None]:
+    """The secure-aggregation layer over ``strategy`` and, under DP, its Poisson sampling."""
+    from smallfed.flower.layers.secure_agg import SecureAggregation
+
+    user_dp = None
+    if cfg.privacy == "user":
+        from smallfed.privacy.user_dp import UserLevelDP
+
+        user_dp = UserLevelDP(cfg)
+    layer = SecureAggregation(RollbackNonFinite(strategy), cfg, user_dp)
+    return layer, (user_dp.sample_rate, user_dp.rng) if user_dp is not None else None
 
 
 def max_reply_bytes(model: nn.Module) -> int:

@@ -1,0 +1,388 @@
+"""Secure aggregation (SecAgg+ with distributed DP) as a layer: the server sees only sums.
+
+Before the round's training messages leave, this layer runs the protocol's first two
+exchanges with the cohort the sampling layer chose (keys, then encrypted shares over
+a sparse random graph); it then adds to each training message the shares addressed to
+that node. The replies are masked integer vectors, each uniformly random on its own;
+after them a last exchange (unmasking) asks the survivors for the shares that remove
+the masks, and the server recovers the sum of the surviving clients' encoded updates,
+modulo 2^bits, and nothing else (:mod:`smallfed.flower.secagg` lists the exchanges).
+
+The sum is decoded (inverse rotation, scale), divided (by the expected cohort under DP,
+as DP-FedAvg does; by the survivors otherwise) and added to the global model; the
+strategy below (FedAvg, or FedAvgM for server momentum) gets that one model as the
+round's only reply, so its own server step applies unchanged.
+
+Dropouts: a party that leaves after its masked update still counts (its self-mask is
+rebuilt from its neighbours' shares); one that leaves before has its pairwise masks
+rebuilt and removed. A round aggregates while at least ``min_survivors`` =
+ceil((1 - secagg-max-dropout) * cohort) masked updates arrive and every needed secret
+has t shares; otherwise it fails, logged, the model stays, and the run goes on.
+
+Under privacy = "user" the clients add the noise: each adds a discrete Gaussian share
+sized so that ``min_survivors`` shares carry the central mechanism's noise relative to
+the encoding's (rounding-inflated) sensitivity (:mod:`smallfed.privacy.distributed`).
+The accountant composes that mechanism with the same noise multiplier as central
+DP-FedAvg, so the two report the same epsilon. Against the analyst who sees the
+models, Poisson sampling amplifies it; against this server, which knows who took
+part, it does not: :meth:`privacy` reports both.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from smallfed.config import Config
+from smallfed.flower.layers.base import Layer
+from smallfed.flower.layers.validate import reject
+from smallfed.flower.records import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    arrays_record,
+    message_array_bytes,
+    record_bytes,
+    record_arrays,
+)
+from smallfed.flower.secagg import (
+    CONFIG_RECORD,
+    DATA_RECORD,
+    KEY_BYTES,
+    blob,
+    byte_array,
+    encoding_for,
+    flatten,
+    int_array,
+    min_survivors,
+    payload_bytes,
+    read_bytes,
+    read_ints,
+    rotation_seed,
+    unblob,
+    unflatten,
+    unpack_masked,
+)
+from smallfed.compact.pruning import compact_template, expand
+from smallfed.privacy.subspace import round_subspace, subspace_config
+from smallfed.secagg.protocol import (
+    Params,
+    SecAggError,
+    check_vector,
+    choose_degree,
+    choose_graph,
+    server_unmask,
+)
+
+
+@dataclass
+class _Round:
+    """What the server holds of one round between its exchanges."""
+
+    params: Params
+    cohort: int
+    index: dict[int, int]  # node id -> party index
+    neighbours: list[list[int]]
+    senders: dict[int, list[int]]
+    s_publics: dict[int, bytes]
+    global_: dict[str, np.ndarray]
+    masks: dict[str, np.ndarray]
+    encoding: Any  # IntegerEncoding
+    masked: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+class SecureAggregation(Layer):
+    """SecAgg+: clients mask their clipped integer updates; only the cohort's sum is seen."""
+
+    def __init__(self, strategy: Strategy, cfg: Config, dp: Any = None,
+                 timeout: float | None = None) -> None:
+        """``dp``: the round's :class:`~smallfed.privacy.user_dp.UserLevelDP` accountant
+        under privacy = "user" (the noise is the clients'); None without DP."""
+        super().__init__(strategy)
+        self.cfg, self.dp = cfg, dp
+        self.timeout = timeout if timeout is not None else cfg.secagg_timeout_s
+        self._round: _Round | None = None
+        self._grid: Grid | None = None
+        self._last: _Round | None = None  # the last round that reached training
+        self._taken: dict[int, int] = {}  # node id -> rounds its update was in a sum
+        self._reset()
+
+    def _reset(self) -> None:
+        self.aggregated = self.failed = self.rejected = 0
+        self.bytes_up = self.bytes_down = 0
+        self._round = None
+
+    def describe(self) -> str:
+        noise = (f", distributed discrete Gaussian noise (multiplier {self.dp.noise:.4g})"
+                 if self.dp is not None else ", no noise")
+        return (f"SecAgg+, {self.cfg.secagg_bits} bits a coordinate, up to "
+                f"{self.cfg.secagg_max_dropout:.0%} of a cohort may drop{noise}")
+
+    # --- the round ------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._reset()
+        self._grid = grid  # the unmasking exchange happens in aggregate_train
+        if self.dp is not None:
+            allowed, after = self.dp.start_round()
+            if not allowed:
+                log(WARNING, "Round %d skipped: it would take epsilon to %.3f, past the budget "
+                    "of %.3f; no more training", server_round, after, self.dp.budget)
+                return []
+        if self.cfg.subspace > 0:
+            config = ConfigRecord(
+                {**config, **subspace_config(self.cfg.subspace, self.cfg.seed, server_round)})
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        if not messages:
+            return []
+        global_ = record_arrays(arrays)
+        template = {k: v.shape for k, v in global_.items()}
+        masks = round_subspace(config, template)
+        dimension = sum(math.prod(s) for s in compact_template(template, masks).values())
+        cohort = len(messages)
+        survivors = min_survivors(cohort, self.cfg.secagg_max_dropout)
+        if survivors < 3:
+            return self._fail(server_round, f"a cohort of {cohort} may leave {survivors} updates "
+                              "in the sum, too few to hide each")
+        degree, threshold = choose_degree(cohort, self.cfg.secagg_max_dropout)
+        params = Params(bits=self.cfg.secagg_bits, length=dimension, threshold=threshold,
+                        min_survivors=survivors)
+        index = {m.metadata.dst_node_id: i for i, m in enumerate(messages)}
+        state = _Round(params, cohort, index, [[] for _ in range(cohort)], {}, {}, global_,
+                       masks, encoding_for(self.cfg, dimension, survivors, cohort))
+        keys = self._advertise(grid, server_round, state)
+        if len(keys) < survivors:
+            return self._fail(server_round, f"{len(keys)} of {cohort} nodes sent keys, "
+                              f"{survivors} needed")
+        shares = self._share(grid, server_round, state, keys, degree)
+        if len(shares) < survivors:
+            return self._fail(server_round, f"{len(shares)} of {cohort} nodes shared their "
+                              f"secrets, {survivors} needed")
+        self._round = self._last = state
+        out = []
+        for message in messages:
+            i = index[message.metadata.dst_node_id]
+            if i not in shares:
+                continue  # left during the key exchanges: out of this round
+            senders = [j for j in state.neighbours[i] if j in shares]
+            state.senders[i] = senders
+            addressed = [shares[j][state.neighbours[j].index(i)] for j in senders]
+            # Flower's strategies give every message one shared RecordDict: copy it, so
+            # that each node gets its own shares.
+            message.content = RecordDict(dict(message.content.items()))
+            message.content[CONFIG_RECORD] = ConfigRecord({"round": server_round})
+            message.content[DATA_RECORD] = ArrayRecord(
+                {"senders": int_array(senders), "ciphertexts": byte_array(blob(addressed))})
+            self.bytes_down += record_bytes(message.content[DATA_RECORD])
+            out.append(message)
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        state, replies = self._round, list(replies)
+        if state is None:
+            return None, None
+        params = state.params
+        for reply in replies:
+            i = state.index.get(reply.metadata.src_node_id)
+            try:
+                if i is None or i not in state.senders:
+                    raise ValueError("it was not in this round's secure sum")
+                vector = unpack_masked(payload_bytes(reply.content[ARRAYS_KEY]),
+                                       params.length, params.bits)
+                check_vector(params, vector, f"the masked update of party {i}")
+                state.masked[i] = vector
+            except (KeyError, TypeError, ValueError) as err:  # SecAggError is a ValueError
+                self.rejected += 1
+                reject(server_round, reply, f"bad masked update: {err}")
+        if len(state.masked) < params.min_survivors:
+            self._fail(server_round, f"{len(state.masked)} masked updates arrived, "
+                       f"{params.min_survivors} needed")
+            return None, None
+        try:
+            total = server_unmask(params, state.neighbours, state.senders, state.s_publics,
+                                  state.masked, self._unmask(server_round, state))
+        except SecAggError as err:
+            self._fail(server_round, str(err))
+            return None, None
+        self.aggregated = len(state.masked)
+        for node, i in state.index.items():
+            if i in state.masked:
+                self._taken[node] = self._taken.get(node, 0) + 1
+        model = self._step(server_round, state, total)
+        carrier = replies[0]  # one reply, holding the round's model, for the strategy below
+        carrier.content = RecordDict({
+            ARRAYS_KEY: arrays_record(model),
+            METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: 1})})
+        arrays, _ = self.strategy.aggregate_train(server_round, [carrier])
+        log(INFO, "Round %d: secure sum of %d of %d clients' updates (%d bits, %d coordinates)",
+            server_round, self.aggregated, state.cohort, params.bits, params.length)
+        return arrays, MetricRecord({"clients": self.aggregated})
+
+    def _step(self, server_round: int, state: _Round, total: np.ndarray) -> dict[str, np.ndarray]:
+        """global + the decoded sum / the divisor: the expected cohort under DP (as DP-FedAvg
+        divides, so that the divisor reveals nothing), the survivors otherwise."""
+        summed = state.encoding.decode_sum(total, rotation_seed(self.cfg.seed, server_round))
+        divisor = self.dp.expected_clients if self.dp is not None else len(state.masked)
+        template = {k: v.shape for k, v in state.global_.items()}
+        delta = expand(unflatten(summed / divisor, compact_template(template, state.masks)),
+                       state.masks, template)
+        return {k: (v + delta[k]).astype(v.dtype) for k, v in state.global_.items()}
+
+    # --- the exchanges ----------------------------------------------------------
+    def _exchange(self, grid: Grid, server_round: int, action: str,
+                  contents: dict[int, RecordDict]) -> dict[int, Message]:
+        """Send each node its content as ``query.<action>``; the good replies by node id."""
+        messages = [grid.create_message(content, f"query.{action}", node, str(server_round))
+                    for node, content in contents.items()]
+        self.bytes_down += sum(message_array_bytes(m) for m in messages)
+        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        self.bytes_up += sum(message_array_bytes(r) for r in replies)
+        good = {}
+        for reply in replies:
+            if reply.has_error():
+                self.failed += 1
+                log(WARNING, "Round %d: node %d failed in %s: %s", server_round,
+                    reply.metadata.src_node_id, action,
+                    (reply.error.reason or "no reason").strip().splitlines()[0])
+            elif reply.metadata.src_node_id in contents and DATA_RECORD in reply.content:
+                good[reply.metadata.src_node_id] = reply
+        return good
+
+    def _advertise(self, grid: Grid, server_round: int, state: _Round) -> dict[int, bytes]:
+        """Exchange 1: party index -> its two public keys (c || s)."""
+        base = {**state.params.to_config(), "round": server_round, "cohort": state.cohort}
+        contents = {node: RecordDict({CONFIG_RECORD: ConfigRecord({**base, "index": i})})
+                    for node, i in state.index.items()}
+        keys = {}
+        for node, reply in self._exchange(grid, server_round, "secagg_keys", contents).items():
+            try:
+                pair = read_bytes(reply.content[DATA_RECORD], "keys")
+            except (KeyError, TypeError, ValueError) as err:
+                reject(server_round, reply, str(err))
+                continue
+            if len(pair) == 2 * KEY_BYTES:
+                keys[state.index[node]] = pair
+        return keys
+
+    def _share(self, grid: Grid, server_round: int, state: _Round, keys: dict[int, bytes],
+               degree: int) -> dict[int, list[bytes]]:
+        """Exchange 2: the graph over the parties with keys; party -> its ciphertexts, one
+        per neighbour in the order of its neighbour list."""
+        parties = sorted(keys)
+        graph = choose_graph(len(parties), min(degree, len(parties)), secrets.token_bytes(16))
+        for p, i in enumerate(parties):
+            state.neighbours[i] = [parties[q] for q in graph[p]]
+            state.s_publics[i] = keys[i][KEY_BYTES:]
+        nodes = {i: node for node, i in state.index.items()}
+        contents = {}
+        for i in parties:
+            nb = state.neighbours[i]
+            contents[nodes[i]] = RecordDict({
+                CONFIG_RECORD: ConfigRecord({"round": server_round}),
+                DATA_RECORD: ArrayRecord({"neighbours": int_array(nb),
+                                          "keys": byte_array(b"".join(keys[j] for j in nb))})})
+        shares = {}
+        for node, reply in self._exchange(grid, server_round, "secagg_shares", contents).items():
+            i = state.index[node]
+            try:
+                texts = unblob(read_bytes(reply.content[DATA_RECORD], "ciphertexts"))
+            except (KeyError, TypeError, ValueError) as err:
+                reject(server_round, reply, str(err))
+                continue
+            if len(texts) == len(state.neighbours[i]):
+                shares[i] = texts
+        return shares
+
+    def _unmask(self, server_round: int, state: _Round
+                ) -> dict[int, tuple[list[int], list[bytes]]]:
+        """Exchange 4: the survivors are told who survived and who dropped; each answers
+        with its shares of the survivors' self-mask seeds and the dropped parties' mask
+        secrets (never both of one party)."""
+        # Every survivor gets the whole lists: it checks its own neighbours against them
+        # and counts the survivors (a server that names too few is refused).
+        lists = ArrayRecord({
+            "survivors": int_array(sorted(state.masked)),
+            "dropped": int_array(sorted(set(state.senders) - set(state.masked)))})
+        nodes = {i: node for node, i in state.index.items()}
+        contents = {nodes[i]: RecordDict({CONFIG_RECORD: ConfigRecord({"round": server_round}),
+                                          DATA_RECORD: lists}) for i in state.masked}
+        out = {}
+        for node, reply in self._exchange(self._grid, server_round, "secagg_unmask", contents).items():
+            try:
+                data = reply.content[DATA_RECORD]
+                owners = read_ints(data, "owners", state.cohort)
+                shares = unblob(read_bytes(data, "shares"))
+            except (KeyError, TypeError, ValueError) as err:
+                reject(server_round, reply, str(err))
+                continue
+            if len(owners) == len(shares):
+                out[state.index[node]] = (owners, shares)
+        return out
+
+    def _fail(self, server_round: int, why: str) -> list[Message]:
+        log(WARNING, "Round %d: secure aggregation failed (%s); the model stays, the run goes on",
+            server_round, why)
+        self._round = None
+        return []
+
+    # --- what the server reports ------------------------------------------------
+    def round_stats(self) -> dict[str, float]:
+        return {"aggregated": self.aggregated, "failed": self.failed, "rejected": self.rejected,
+                "secagg_bytes_up": self.bytes_up, "secagg_bytes_down": self.bytes_down}
+
+    def epsilon(self) -> tuple[float, float] | None:
+        if self.dp is None:
+            return None
+        return self.dp.epsilon, self.dp.epsilon
+
+    def privacy(self) -> dict | None:
+        """The mechanism for the accountant, and epsilon against this server (no
+        amplification by sampling: it knows who took part; the most rounds any client
+        was in a sum, each a Gaussian mechanism of the same multiplier)."""
+        if self.dp is None:
+            return None
+        from smallfed.privacy.local_dp import epsilon_of
+
+        most = max(self._taken.values(), default=0)
+        against = epsilon_of(self.cfg, [(self.dp.noise, 1.0, most)]) if most else 0.0
+        return {"mechanism": "distributed discrete Gaussian (SecAgg+)",
+                "noise_multiplier": self.dp.noise, "sample_rate": self.dp.sample_rate,
+                "rounds_accounted": len(self.dp.history), "epsilon": self.dp.epsilon,
+                "epsilon_against_server": against, "most_rounds_of_a_client": most}
+
+    def summary_block(self) -> dict[str, Any]:
+        """results.json's ``secure_aggregation``: the encoding of the last round."""
+        block: dict[str, Any] = {"bits": self.cfg.secagg_bits,
+                                 "max_dropout": self.cfg.secagg_max_dropout}
+        if self._last is not None:
+            params, encoding = self._last.params, self._last.encoding
+            block.update(coordinates=params.length, threshold=params.threshold,
+                         neighbours=max(len(n) for n in self._last.neighbours),
+                         min_survivors=params.min_survivors, cohort=self._last.cohort,
+                         scale=encoding.scale, noise_std=encoding.noise_std,
+                         sensitivity=encoding.sensitivity * encoding.scale)
+        return block
+
+    def state(self) -> dict[str, Any]:
+        kept: dict[str, Any] = {"taken": {str(k): v for k, v in self._taken.items()}}
+        if self.dp is not None:
+            kept["user_dp"] = self.dp.state()
+        return kept
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._taken = {int(k): int(v) for k, v in state.get("taken", {}).items()}
+        if self.dp is not None and "user_dp" in state:
+            self.dp.restore(state["user_dp"])

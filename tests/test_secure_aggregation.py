@@ -1,0 +1,186 @@
+"""Secure aggregation end to end on the in-process engine, with the real ClientApp.
+
+The server's new model must be the mean of the clients' clipped updates (within the
+integer encoding's rounding) whoever drops where, a round with too few survivors must
+fail without stopping the run, and results.json must say what crossed the wire.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+from smallfed.config import Config, ConfigError
+from smallfed.flower.checkpoint import load as load_checkpoint
+from smallfed.flower.client import build_client_app
+from smallfed.flower.inprocess import InProcessGrid
+from smallfed.flower.records import ARRAYS_KEY, record_arrays
+from smallfed.flower.server import build_server_app
+from smallfed.models import build_model
+
+BASE = dict(dataset="digits", num_clients=9, clients_per_round=9, num_server_rounds=1,
+            model="cnn-tiny", local_epochs=1, batch_size=16, momentum=0.0, seed=3,
+            update_clip=2.0, fraction_evaluate=0.0)
+Hook = Callable[[InProcessGrid, Message], None]
+
+
+def run(tmp_path: Path, name: str, hook: Hook | None = None, **changes: object
+        ) -> tuple[dict, dict[str, np.ndarray], dict[int, Message]]:
+    """(results.json, the final global model, the train replies by partition) of an
+    in-process run."""
+    cfg = Config(**{**BASE, **changes})
+    replies: dict[int, Message] = {}
+
+    def on_reply(reply: Message) -> None:
+        if reply.metadata.message_type == "train" and not reply.has_error():  # as sent
+            replies[grid.place(reply.metadata.src_node_id)] = copy.deepcopy(reply)
+        if hook is not None:
+            hook(grid, reply)
+
+    grid = InProcessGrid(build_client_app(cfg), cfg.num_clients, run_config=cfg.to_dict(),
+                         on_reply=on_reply)
+    out = tmp_path / name
+    build_server_app(cfg, out, node_states=grid.node_states)(grid, grid.server_context())
+    results = json.loads((out / "results.json").read_text())
+    return results, load_checkpoint(out).global_arrays, replies
+
+
+def initial_model() -> dict[str, np.ndarray]:
+    model = build_model("cnn-tiny", (1, 8, 8), 10, BASE["seed"])
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def clipped_mean(replies: Iterable[Message], start: dict[str, np.ndarray], clip: float
+                 ) -> dict[str, np.ndarray]:
+    """start + the plain mean of the clients' deltas, each clipped to ``clip`` in L2."""
+    deltas = []
+    for reply in replies:
+        model = record_arrays(reply.content[ARRAYS_KEY])
+        delta = {k: model[k].astype(np.float64) - start[k] for k in start}
+        norm = math.sqrt(sum(float(np.sum(v * v)) for v in delta.values()))
+        deltas.append({k: v * min(1.0, clip / norm) for k, v in delta.items()})
+    return {k: start[k] + sum(d[k] for d in deltas) / len(deltas) for k in start}
+
+
+def assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], results: dict
+                 ) -> None:
+    """Equal within the integer grid: each client's rounding moves each rotated coordinate
+    of the mean by less than one grid step, a few after the inverse rotation."""
+    step = results["summary"]["secure_aggregation"]["scale"]
+    worst = max(float(np.max(np.abs(got[k] - want[k]))) for k in want)
+    assert worst < 5 * step, f"largest difference {worst:.3g}, grid step {step:.3g}"
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Message]:
+    """The same round without secure aggregation: each client's model, in the clear."""
+    _, _, replies = run(tmp_path_factory.mktemp("plain"), "plain")
+    assert len(replies) == 9
+    return replies
+
+
+def test_the_secure_sum_is_the_mean_of_the_clipped_updates(
+        tmp_path: Path, plain: dict[int, Message]) -> None:
+    results, model, replies = run(tmp_path, "secure", secure_aggregation=True)
+    start = initial_model()
+    assert_close(model, clipped_mean(plain.values(), start, 2.0), results)
+    # What the server held of each client: a masked vector of 16-bit integers, no metrics.
+    d = sum(v.size for v in start.values())
+    for reply in replies.values():
+        assert [len(a.data)
+                for a in reply.content[ARRAYS_KEY].values()] == [2 * d]
+        assert dict(reply.content["metrics"]) == {"num-examples": 1}
+    last = results["rounds"][-1]
+    assert last["clients"] == 9
+    assert last["bytes_up"] - last["secagg_bytes_up"] == 9 * 2 * d  # the payloads, exactly
+    assert 0 < last["secagg_bytes_up"] < last["bytes_up"]
+    block = results["summary"]["secure_aggregation"]
+    assert (block["bits"], block["coordinates"], block["cohort"]) == (16, d, 9)
+
+
+def drop_after(action: str, count: int) -> Hook:
+    """A hook that disconnects the first ``count`` nodes to answer ``action``."""
+    gone: list[int] = []
+
+    def hook(grid: InProcessGrid, reply: Message) -> None:
+        if reply.metadata.message_type == action and len(gone) < count:
+            gone.append(reply.metadata.src_node_id)
+            grid.disconnect(reply.metadata.src_node_id)
+
+    return hook
+
+
+def test_a_third_dropping_after_the_masked_upload_still_counts(
+        tmp_path: Path, plain: dict[int, Message]) -> None:
+    results, model, replies = run(tmp_path, "late", drop_after("train", 3),
+                                  secure_aggregation=True)
+    assert len(replies) == 9 and results["rounds"][-1]["clients"] == 9
+    assert_close(model, clipped_mean(plain.values(), initial_model(), 2.0), results)
+
+
+def test_parties_dropping_before_the_upload_are_left_out(
+        tmp_path: Path, plain: dict[int, Message]) -> None:
+    results, model, replies = run(tmp_path, "early", drop_after("query.secagg_shares", 3),
+                                  secure_aggregation=True)
+    assert len(replies) == 6 and results["rounds"][-1]["clients"] == 6
+    theirs = [plain[place] for place in replies]  # the same partitions, in the clear
+    assert_close(model, clipped_mean(theirs, initial_model(), 2.0), results)
+
+
+def test_a_sparse_graph_with_a_third_dropping_at_both_stages(tmp_path: Path) -> None:
+    """40 parties share with 17 neighbours each (SecAgg+, not the full graph); 6 leave
+    before their upload and 7 after it: the sum holds exactly the 34 uploads."""
+    sparse = dict(num_clients=40, clients_per_round=40)
+    _, _, clear = run(tmp_path, "clear", **sparse)
+    early, late = drop_after("query.secagg_shares", 6), drop_after("train", 7)
+
+    def both(grid: InProcessGrid, reply: Message) -> None:
+        early(grid, reply)
+        late(grid, reply)
+
+    results, model, replies = run(tmp_path, "sparse", both, secure_aggregation=True, **sparse)
+    block = results["summary"]["secure_aggregation"]
+    assert block["neighbours"] < 39 and block["min_survivors"] == 27
+    assert len(replies) == 34 and results["rounds"][-1]["clients"] == 34
+    theirs = [clear[place] for place in replies]
+    assert_close(model, clipped_mean(theirs, initial_model(), 2.0), results)
+
+
+def test_too_few_survivors_fail_the_round_and_the_run_goes_on(tmp_path: Path) -> None:
+    results, _, replies = run(tmp_path, "fail", drop_after("query.secagg_keys", 4),
+                              secure_aggregation=True, num_server_rounds=2)
+    first, second = results["rounds"][1], results["rounds"][2]
+    assert first["clients"] == 0 and first["accuracy"] == results["rounds"][0]["accuracy"]
+    assert second["clients"] == 5 and len(replies) == 5
+
+
+def test_distributed_dp_reports_the_central_epsilon_and_the_servers(tmp_path: Path) -> None:
+    dp = dict(privacy="user", num_clients=30, clients_per_round=10, num_server_rounds=2,
+              dp_noise=1.0, dp_clip=0.5)
+    central, _, _ = run(tmp_path, "central", **dp)
+    secure, _, _ = run(tmp_path, "secure", secure_aggregation=True, **dp)
+    assert secure["summary"]["epsilon"] == pytest.approx(central["summary"]["epsilon"])
+    block = secure["summary"]["privacy"]
+    assert block["mechanism"].startswith("distributed discrete Gaussian")
+    assert block["epsilon_against_server"] > secure["summary"]["epsilon"]
+    assert secure["summary"]["secure_aggregation"]["noise_std"] > 0
+
+
+@pytest.mark.parametrize("changes, problem", [
+    (dict(privacy="sample"), "privacy = 'sample'"),
+    (dict(update_clip=0.0), "update-clip"),
+    (dict(strategy="fedmedian"), "strategy"),
+    (dict(codec="quantize:8"), "codec"),
+    (dict(clients_per_round=3), "clients-per-round"),
+    (dict(privacy="user", dp_clip_mode="adaptive"), "dp-clip-mode"),
+])
+def test_what_secure_aggregation_cannot_run_with_is_refused(changes: dict, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        Config(**{**BASE, "secure_aggregation": True, **changes})
