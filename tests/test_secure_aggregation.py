@@ -153,6 +153,18 @@ def test_a_sparse_graph_with_a_third_dropping_at_both_stages(tmp_path: Path) -> 
     assert_close(model, clipped_mean(theirs, initial_model(), 2.0), results)
 
 
+def test_on_rays_simulation_engine(tmp_path: Path, plain: dict[int, Message]) -> None:
+    """The same round on Flower's Simulation Engine: the nodes' keys live in their
+    Context.state on Ray's actors between the four exchanges."""
+    from smallfed.simulation import simulate
+
+    results = simulate(Config(**{**BASE, "secure_aggregation": True, "backend": "ray"}),
+                       tmp_path, progress=False)
+    assert results["rounds"][-1]["clients"] == 9
+    assert_close(load_checkpoint(tmp_path).global_arrays,
+                 clipped_mean(plain.values(), initial_model(), 2.0), results)
+
+
 def test_too_few_survivors_fail_the_round_and_the_run_goes_on(tmp_path: Path) -> None:
     results, _, replies = run(tmp_path, "fail", drop_after("query.secagg_keys", 4),
                               secure_aggregation=True, num_server_rounds=2)

@@ -62,28 +62,25 @@ Template = dict[str, tuple[int, ...]]
 
 # --------------------------------------------------------------------------- the wire
 
-def blob(items: Sequence[bytes]) -> bytes:
-    """Byte strings as one: each behind a 2-byte length."""
-    parts = []
-    for item in items:
-        if len(item) >= 1 << 16:
-            raise ValueError(f"a {len(item)}-byte item does not fit a secure-aggregation blob")
-        parts += [len(item).to_bytes(2, "big"), item]
-    return b"".join(parts)
+def join_equal(items: Sequence[bytes]) -> bytes:
+    """Byte strings of one length (ciphertexts, shares) as one, with no framing: the
+    receiver knows how many there are."""
+    if len({len(item) for item in items}) > 1:
+        raise ValueError("secure aggregation: items of different lengths cannot be joined")
+    return b"".join(items)
 
 
-def unblob(data: bytes) -> list[bytes]:
-    """Inverse of :func:`blob`; ValueError for bytes it did not make."""
-    items, at = [], 0
-    while at < len(data):
-        if at + 2 > len(data):
-            raise ValueError("a blob ends inside a length")
-        size = int.from_bytes(data[at:at + 2], "big")
-        if at + 2 + size > len(data):
-            raise ValueError(f"a blob item of {size} bytes runs past the end")
-        items.append(bytes(data[at + 2:at + 2 + size]))
-        at += 2 + size
-    return items
+def split_equal(data: bytes, count: int) -> list[bytes]:
+    """Inverse of :func:`join_equal` for ``count`` items; ValueError if they cannot be."""
+    if count == 0:
+        if data:
+            raise ValueError("secure aggregation: bytes where none were expected")
+        return []
+    size, rest = divmod(len(data), count)
+    if rest or not size:
+        raise ValueError(f"secure aggregation: {len(data)} bytes do not split into {count} "
+                         "equal items")
+    return [bytes(data[k * size:(k + 1) * size]) for k in range(count)]
 
 
 def byte_array(data: bytes) -> Array:
@@ -91,7 +88,8 @@ def byte_array(data: bytes) -> Array:
 
 
 def int_array(values: Sequence[int]) -> Array:
-    return Array(np.asarray(values, dtype=np.int32).reshape(-1))
+    """Party indices: 2 bytes each (a cohort has fewer than 65,536 parties)."""
+    return Array(np.asarray(values, dtype=np.uint16).reshape(-1))
 
 
 def read_bytes(record: ArrayRecord, key: str) -> bytes:
@@ -245,7 +243,7 @@ def handle_shares(msg: Message, context: Context) -> Message:
     state, ciphertexts = client_shares(state, params, neighbours,
                                        [p[:KEY_BYTES] for p in pairs], [p[KEY_BYTES:] for p in pairs])
     _save(context, state)
-    return _reply(msg, {"ciphertexts": byte_array(blob(ciphertexts))})
+    return _reply(msg, {"ciphertexts": byte_array(join_equal(ciphertexts))})
 
 
 def handle_unmask(msg: Message, context: Context) -> Message:
@@ -260,7 +258,7 @@ def handle_unmask(msg: Message, context: Context) -> Message:
                                    read_ints(data, "dropped", cohort))
     del context.state[STATE_KEY]
     del context.state[ROUND_KEY]
-    return _reply(msg, {"owners": int_array(owners), "shares": byte_array(blob(shares))})
+    return _reply(msg, {"owners": int_array(owners), "shares": byte_array(join_equal(shares))})
 
 
 def make_secagg_mod(
@@ -286,7 +284,7 @@ def make_secagg_mod(
         state = _state(context, server_round)
         params, _, cohort = _params(context)
         senders = read_ints(data, "senders", cohort)
-        ciphertexts = unblob(read_bytes(data, "ciphertexts"))
+        ciphertexts = split_equal(read_bytes(data, "ciphertexts"), len(senders))
         template = template_of(cfg, msg)
         train_config = msg.content[CONFIG_KEY]
         subspace = round_subspace(train_config, template)

@@ -59,7 +59,6 @@ from smallfed.flower.secagg import (
     CONFIG_RECORD,
     DATA_RECORD,
     KEY_BYTES,
-    blob,
     byte_array,
     encoding_for,
     flatten,
@@ -68,8 +67,9 @@ from smallfed.flower.secagg import (
     payload_bytes,
     read_bytes,
     read_ints,
+    join_equal,
     rotation_seed,
-    unblob,
+    split_equal,
     unflatten,
     unpack_masked,
 )
@@ -183,7 +183,8 @@ class SecureAggregation(Layer):
             message.content = RecordDict(dict(message.content.items()))
             message.content[CONFIG_RECORD] = ConfigRecord({"round": server_round})
             message.content[DATA_RECORD] = ArrayRecord(
-                {"senders": int_array(senders), "ciphertexts": byte_array(blob(addressed))})
+                {"senders": int_array(senders),
+                 "ciphertexts": byte_array(join_equal(addressed))})
             self.bytes_down += record_bytes(message.content[DATA_RECORD])
             out.append(message)
         return out
@@ -298,7 +299,8 @@ class SecureAggregation(Layer):
         for node, reply in self._exchange(grid, server_round, "secagg_shares", contents).items():
             i = state.index[node]
             try:
-                texts = unblob(read_bytes(reply.content[DATA_RECORD], "ciphertexts"))
+                texts = split_equal(read_bytes(reply.content[DATA_RECORD], "ciphertexts"),
+                                    len(state.neighbours[i]))
             except (KeyError, TypeError, ValueError) as err:
                 reject(server_round, reply, str(err))
                 continue
@@ -324,7 +326,7 @@ class SecureAggregation(Layer):
             try:
                 data = reply.content[DATA_RECORD]
                 owners = read_ints(data, "owners", state.cohort)
-                shares = unblob(read_bytes(data, "shares"))
+                shares = split_equal(read_bytes(data, "shares"), len(owners))
             except (KeyError, TypeError, ValueError) as err:
                 reject(server_round, reply, str(err))
                 continue
