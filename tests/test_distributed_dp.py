@@ -19,6 +19,7 @@ from smallfed.privacy.distributed import (
     plan_encoding,
     rotate,
     rounded_norm_bound,
+    unamplified_epsilon,
     unrotate,
 )
 from smallfed.privacy.local_dp import epsilon_of
@@ -205,3 +206,16 @@ def test_encode_checks_its_input() -> None:
         enc.encode(np.array([0.0, np.nan, 0.0, 0.0]), rotation_seed=0)
     with pytest.raises(ValueError, match="precision"):
         IntegerEncoding(dimension=4, clip=1.0, bits=8, scale=1e-30, noise_std=0)
+
+
+@pytest.mark.parametrize("z, rounds", [(1.0, 1), (1.0, 3), (0.7, 10), (3.0, 2)])
+def test_unamplified_epsilon_matches_googles_pld_accountant(z: float, rounds: int) -> None:
+    """Against the server (no subsampling): the exact Gaussian epsilon, checked against
+    dp-accounting's privacy-loss distribution of the same composed mechanism."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    pld = privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=z, value_discretization_interval=1e-4).self_compose(rounds)
+    expected = pld.get_epsilon_for_delta(1e-5)
+    assert unamplified_epsilon(z, rounds, 1e-5) == pytest.approx(expected, rel=2e-3)
+    assert unamplified_epsilon(z, 0, 1e-5) == 0.0

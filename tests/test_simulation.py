@@ -15,7 +15,8 @@ from smallfed.simulation import simulate
 SUMMARY_FIELDS = {"final_accuracy", "best_accuracy", "total_bytes_up", "total_bytes_down",
                   "dense_bytes_up", "dense_bytes_down", "compression_ratio_up",
                   "compression_ratio_down", "epsilon", "delta", "privacy", "model_params",
-                  "model_fp32_bytes", "wall_time_s", "sim_time_s", "sim_time_to_target_s"}
+                  "model_fp32_bytes", "wall_time_s", "sim_time_s", "sim_time_to_target_s",
+                  "secure_aggregation"}
 
 
 def without_times(results: dict) -> list[dict]:
@@ -38,6 +39,7 @@ def test_results_follow_the_schema(inprocess_run: dict) -> None:
     assert set(results["summary"]) == SUMMARY_FIELDS
     assert results["summary"]["epsilon"] is None  # no DP, no claim
     assert results["summary"]["privacy"] is None
+    assert results["summary"]["secure_aggregation"] is None
     assert all(r["epsilon"] is None and r["clients_declined"] == 0 for r in results["rounds"])
 
 

@@ -29,6 +29,12 @@ NEIGHBOURING = {
     "user": "add or remove all the data of one client (one node); the sample of clients "
             "each round is secret",
 }
+# Distributed DP (secure aggregation): the relation Kairouz et al. 2021 and TensorFlow
+# Federated account. A node that is absent also withholds its noise share, so under
+# add/remove the sum's noise variance would move by 1/min-survivors as well: not counted.
+ZERO_OUT = ("zero out all the data of one client (one node): its update replaced by zeros "
+            "while it still takes part and adds its noise share; the sample of clients "
+            "each round is secret from the models' readers, not from the server")
 
 
 def codec_advice(cfg: Config) -> str:

@@ -397,3 +397,37 @@ def plan_encoding(*, dimension: int, clip: float, bits: int, noise_multiplier: f
                                noise_std=noise_std, beta=beta)
     encoding.noise_multiplier(min_survivors)  # the tau check: raises if not negligible
     return encoding
+
+
+def unamplified_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Epsilon of ``rounds`` Gaussian mechanisms of this multiplier, none subsampled.
+
+    What holds against a server that knows who took part (amplification by sampling
+    needs the sample to be secret). Exact, by the analytic Gaussian mechanism (Balle and
+    Wang 2018): k compositions of noise multiplier z are one Gaussian mechanism with
+    mu = sqrt(k) / z, and delta(eps) = Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu),
+    decreasing in eps; solved by bisection in log space. No accountant is needed, and
+    Opacus's PRV accountant divides by zero at sample rate 1.
+    """
+    from scipy.stats import norm
+
+    if rounds <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    mu = math.sqrt(rounds) / noise_multiplier
+
+    def excess(eps: float) -> float:  # delta(eps) - delta, computed without overflow
+        first = norm.cdf(mu / 2 - eps / mu)
+        second = math.exp(eps + norm.logcdf(-mu / 2 - eps / mu))
+        return first - second - delta
+
+    low, high = 0.0, 1.0
+    if excess(low) <= 0:
+        return 0.0
+    while excess(high) > 0:
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if excess(mid) > 0 else (low, mid)
+    return high

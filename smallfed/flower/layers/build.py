@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
@@ -65,9 +67,12 @@ def build_strategy(  # pylint: disable=too-many-arguments
         return partition_sizes[pid] if pid < len(partition_sizes) else None
 
     strategy = inner if inner is not None else make_inner_strategy(cfg)
-    poisson = None
+    poisson, traffic = None, None
     if cfg.secure_aggregation:
-        strategy, poisson = _secure(cfg, strategy)
+        from smallfed.flower.layers.secure_agg import SecAggTraffic
+
+        traffic = SecAggTraffic()
+        strategy, poisson = _secure(cfg, strategy, traffic)
     elif cfg.privacy == "user":
         # Here, not at the top: the accountant imports Opacus, which only DP needs.
         from smallfed.flower.layers.user_dp import UserLevelDPLayer
@@ -97,7 +102,9 @@ def build_strategy(  # pylint: disable=too-many-arguments
         from smallfed.devices import RoundClock, training_flops_per_sample
 
         clock = RoundClock(cfg, training_flops_per_sample(model, input_shape))
-        strategy = DeviceClock(strategy, clock, partitions)
+        strategy = DeviceClock(  # secure aggregation: its exchanges charged, counts known
+            strategy, clock, partitions, extra_bytes=traffic and traffic.bytes_of,
+            examples_of=known_examples if traffic else None)
     strategy = AdmitReplies(strategy, max_reply_bytes(model))
     strategy = PartitionSampling(
         strategy, partitions, clients_per_round=cfg.clients_per_round,
@@ -105,8 +112,9 @@ def build_strategy(  # pylint: disable=too-many-arguments
     return RoundOffset(strategy, done)
 
 
-def _secure(cfg: Config, strategy: Strategy) -> tuple[Strategy, tuple | None]:
-    """The secure-aggregation layer over ``strategy`` and, under DP, its Poisson sampling."""
+def _secure(cfg: Config, strategy: Strategy, traffic: Any) -> tuple[Strategy, tuple | None]:
+    """The secure-aggregation layer over ``strategy`` and, under DP, its Poisson sampling;
+    it notes each node's protocol bytes in ``traffic`` (a ``SecAggTraffic``)."""
     from smallfed.flower.layers.secure_agg import SecureAggregation
 
     user_dp = None
@@ -114,7 +122,7 @@ def _secure(cfg: Config, strategy: Strategy) -> tuple[Strategy, tuple | None]:
         from smallfed.privacy.user_dp import UserLevelDP
 
         user_dp = UserLevelDP(cfg)
-    layer = SecureAggregation(RollbackNonFinite(strategy), cfg, user_dp)
+    layer = SecureAggregation(RollbackNonFinite(strategy), cfg, user_dp, traffic=traffic)
     return layer, (user_dp.sample_rate, user_dp.rng) if user_dp is not None else None
 
 

@@ -9,7 +9,7 @@ before anything else looks at it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -27,10 +27,18 @@ from smallfed.flower.records import METRICS_KEY, NUM_EXAMPLES_KEY, message_array
 class DeviceClock(Layer):
     """Simulated device time: offline clients are not sent a message, stragglers are dropped."""
 
-    def __init__(self, strategy: Strategy, clock: RoundClock, partitions: Partitions) -> None:
+    def __init__(self, strategy: Strategy, clock: RoundClock, partitions: Partitions,
+                 extra_bytes: Callable[[int], tuple[int, int]] | None = None,
+                 examples_of: Callable[[int], int | None] | None = None) -> None:
+        """``extra_bytes(node)``: (down, up) bytes the node exchanged this round besides
+        the train message and reply (secure aggregation's keys and shares);
+        ``examples_of(node)``: its example count where replies carry none (secure
+        aggregation's replies count 1)."""
         super().__init__(strategy)
         self.clock = clock
         self.partitions = partitions
+        self.extra_bytes = extra_bytes or (lambda node: (0, 0))
+        self.examples_of = examples_of
 
     def describe(self) -> str:
         deadline = self.clock.cfg.round_deadline_s
@@ -43,7 +51,8 @@ class DeviceClock(Layer):
         online = self.clock.online(server_round, list(grid.get_node_ids()), self.partitions.of)
         messages = list(self.strategy.configure_train(
             server_round, arrays, config, VisibleNodes(grid, online)))
-        self.clock.sent({m.metadata.dst_node_id: message_array_bytes(m) for m in messages})
+        self.clock.sent({m.metadata.dst_node_id: message_array_bytes(m)
+                         + self.extra_bytes(m.metadata.dst_node_id)[0] for m in messages})
         return messages
 
     def aggregate_train(
@@ -65,8 +74,11 @@ class DeviceClock(Layer):
             examples = float(value) if positive_number(value) else 0.0
             declined = bool(metrics.get("declined"))
         node = reply.metadata.src_node_id
+        if self.examples_of is not None and not declined:
+            examples = float(self.examples_of(node) or 0)
         return Arrival(node, self.partitions.of.get(node, -1), reply.has_error(),
-                       message_array_bytes(reply), examples, declined)
+                       message_array_bytes(reply) + self.extra_bytes(node)[1], examples,
+                       declined)
 
     def take_rows(self) -> list[ClientTime]:
         """The clients.csv rows of the rounds since the last call, in a fixed order."""

@@ -101,15 +101,38 @@ class _Round:
     masked: dict[int, np.ndarray] = field(default_factory=dict)
 
 
+class SecAggTraffic:
+    """Each node's secure-aggregation bytes of the current round: (down, up).
+
+    Shared with the device clock (as :class:`Partitions` is shared), which charges the
+    key and share exchanges to a device's simulated time; the unmasking comes after the
+    clock has timed the round and is not charged.
+    """
+
+    def __init__(self) -> None:
+        self.of: dict[int, list[int]] = {}
+
+    def bytes_of(self, node: int) -> tuple[int, int]:
+        down, up = self.of.get(node, (0, 0))
+        return down, up
+
+    def add(self, node: int, down: int = 0, up: int = 0) -> None:
+        counts = self.of.setdefault(node, [0, 0])
+        counts[0] += down
+        counts[1] += up
+
+
 class SecureAggregation(Layer):
     """SecAgg+: clients mask their clipped integer updates; only the cohort's sum is seen."""
 
     def __init__(self, strategy: Strategy, cfg: Config, dp: Any = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, traffic: SecAggTraffic | None = None) -> None:
         """``dp``: the round's :class:`~smallfed.privacy.user_dp.UserLevelDP` accountant
-        under privacy = "user" (the noise is the clients'); None without DP."""
+        under privacy = "user" (the noise is the clients'); None without DP.
+        ``traffic``: where each node's protocol bytes are noted for the device clock."""
         super().__init__(strategy)
         self.cfg, self.dp = cfg, dp
+        self.traffic = traffic or SecAggTraffic()
         self.timeout = timeout if timeout is not None else cfg.secagg_timeout_s
         self._round: _Round | None = None
         self._grid: Grid | None = None
@@ -118,6 +141,7 @@ class SecureAggregation(Layer):
         self._reset()
 
     def _reset(self) -> None:
+        self.traffic.of.clear()
         self.aggregated = self.failed = self.rejected = 0
         self.bytes_up = self.bytes_down = 0
         self._round = None
@@ -248,9 +272,15 @@ class SecureAggregation(Layer):
         """Send each node its content as ``query.<action>``; the good replies by node id."""
         messages = [grid.create_message(content, f"query.{action}", node, str(server_round))
                     for node, content in contents.items()]
-        self.bytes_down += sum(message_array_bytes(m) for m in messages)
+        for message in messages:
+            size = message_array_bytes(message)
+            self.bytes_down += size
+            self.traffic.add(message.metadata.dst_node_id, down=size)
         replies = list(grid.send_and_receive(messages, timeout=self.timeout))
-        self.bytes_up += sum(message_array_bytes(r) for r in replies)
+        for reply in replies:
+            size = message_array_bytes(reply)
+            self.bytes_up += size
+            self.traffic.add(reply.metadata.src_node_id, up=size)
         good = {}
         for reply in replies:
             if reply.has_error():
@@ -356,11 +386,12 @@ class SecureAggregation(Layer):
         was in a sum, each a Gaussian mechanism of the same multiplier)."""
         if self.dp is None:
             return None
-        from smallfed.privacy.local_dp import epsilon_of
+        from smallfed.privacy import ZERO_OUT
+        from smallfed.privacy.distributed import unamplified_epsilon
 
         most = max(self._taken.values(), default=0)
-        against = epsilon_of(self.cfg, [(self.dp.noise, 1.0, most)]) if most else 0.0
-        return {"mechanism": "distributed discrete Gaussian (SecAgg+)",
+        against = unamplified_epsilon(self.dp.noise, most, self.cfg.dp_delta)
+        return {"mechanism": "distributed discrete Gaussian (SecAgg+)", "neighbouring": ZERO_OUT,
                 "noise_multiplier": self.dp.noise, "sample_rate": self.dp.sample_rate,
                 "rounds_accounted": len(self.dp.history), "epsilon": self.dp.epsilon,
                 "epsilon_against_server": against, "most_rounds_of_a_client": most}
