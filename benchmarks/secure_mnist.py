@@ -4,7 +4,9 @@ Three parts, each written to ``benchmarks/results/secure_mnist.json`` (merged):
 
 * ``population``: ``simulations/secure.toml`` (1,000 digits clients, a Poisson sample of
   100 a round, 16 bits a coordinate) against the same file with
-  ``secure-aggregation = false`` (central DP-FedAvg at the same epsilon), over seeds.
+  ``secure-aggregation = false`` (central DP-FedAvg at the same epsilon), over seeds;
+  the secure runs at each ``secagg-max-dropout`` (each client's noise share assumes
+  only ``1 - max-dropout`` of the cohort survives: the price of tolerating dropouts).
 * ``subspace``: MNIST's cnn-tiny (1,000 clients of 8 images, 100 a round) with the
   shared subspace at 1% of the coordinates: upload bytes against dense fp32, SecAgg's own
   traffic counted.
@@ -12,7 +14,8 @@ Three parts, each written to ``benchmarks/results/secure_mnist.json`` (merged):
   one round plain and one secure with a third of the cohort dropping after its masked
   upload: what SecAgg adds to the round's time, against the training it protects.
 
-    python benchmarks/secure_mnist.py --parts population,subspace,cost --seeds 3
+    python benchmarks/secure_mnist.py --parts population,subspace,cost --seeds 3 \
+        --max-dropouts 0.3333333333333333,0.05
 """
 
 from __future__ import annotations
@@ -57,16 +60,20 @@ def row(results: dict, **extra: object) -> dict:
     }
 
 
-def population(seeds: int, progress: Progress) -> list[dict]:
+def population(seeds: int, max_dropouts: list[float], progress: Progress) -> list[dict]:
+    """secure.toml at each secagg-max-dropout, and central DP-FedAvg, over seeds."""
     base = Config.from_toml(ROOT / "simulations" / "secure.toml")
-    runs = [(secure, seed) for seed in range(seeds) for secure in (True, False)]
+    runs = [(dropout, seed) for seed in range(seeds) for dropout in [*max_dropouts, None]]
     task = progress.add_task("secure.toml vs central", total=len(runs))
     rows = []
-    for secure, seed in runs:
-        cfg = base.replace(secure_aggregation=secure, seed=42 + seed)
+    for dropout, seed in runs:
+        secure = dropout is not None
+        cfg = base.replace(secure_aggregation=secure, seed=42 + seed,
+                           secagg_max_dropout=dropout if secure else base.secagg_max_dropout)
         with tempfile.TemporaryDirectory() as tmp:
             results = simulate(cfg, tmp, progress=False)
-        rows.append(row(results, part="population", secure=secure, seed=cfg.seed))
+        rows.append(row(results, part="population", secure=secure, seed=cfg.seed,
+                        max_dropout=dropout))
         progress.advance(task)
     return rows
 
@@ -137,18 +144,21 @@ def summarize(rows: list[dict], console: Console) -> None:
                                   "bytes_up_per_update", "upload_ratio_vs_dense",
                                   "round_time_s")])
     console.print(table)
-    for secure in (True, False):
+    for dropout in sorted({r.get("max_dropout") for r in rows if r["part"] == "population"},
+                          key=lambda d: -1 if d is None else d):
         accs = [r["final_accuracy"] for r in rows
-                if r["part"] == "population" and r["secure"] == secure]
-        if accs:
-            console.print(f"population, secure={secure}: mean final accuracy "
-                          f"{statistics.mean(accs):.4f} over {len(accs)} seeds")
+                if r["part"] == "population" and r.get("max_dropout") == dropout]
+        name = "central" if dropout is None else f"secure, max-dropout {dropout:.3g}"
+        console.print(f"population, {name}: final accuracy {statistics.mean(accs):.4f} "
+                      f"(min {min(accs):.4f}, max {max(accs):.4f}) over {len(accs)} seeds")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="population,subspace,cost")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--max-dropouts", default="0.3333333333333333,0.05",
+                        help="population: the secure runs' secagg-max-dropout values")
     args = parser.parse_args()
     parts = args.parts.split(",")
     saved = json.loads(OUT.read_text()) if OUT.is_file() else {}
@@ -156,7 +166,8 @@ def main() -> None:
     started = time.perf_counter()
     with Progress(console=console) as progress:
         for part in parts:
-            fn = {"population": lambda: population(args.seeds, progress),
+            dropouts = [float(d) for d in args.max_dropouts.split(",")]
+            fn = {"population": lambda: population(args.seeds, dropouts, progress),
                   "subspace": lambda: subspace(progress), "cost": lambda: cost(progress)}[part]
             saved[part] = fn()
             OUT.parent.mkdir(parents=True, exist_ok=True)

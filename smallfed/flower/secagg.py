@@ -37,7 +37,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from smallfed.codec.bits import pack_codes, unpack_codes
+from smallfed.codec.bits import pack_codes
 from smallfed.compact.pruning import compact
 from smallfed.config import Config
 from smallfed.flower.records import (
@@ -118,10 +118,6 @@ def payload_bytes(record: ArrayRecord) -> bytes:
     if array is None or array.stype != STYPE or array.dtype != "uint8":
         raise ValueError(f"expected one '{PAYLOAD_KEY}' array of type {STYPE} (a masked update)")
     return bytes(array.data)
-
-
-def unpack_masked(data: bytes, length: int, bits: int) -> np.ndarray:
-    return unpack_codes(data, length, bits)
 
 
 # --------------------------------------------------------------------------- shared numbers
@@ -239,9 +235,9 @@ def handle_shares(msg: Message, context: Context) -> Message:
     if len(keys) != 2 * KEY_BYTES * len(neighbours):
         raise ValueError(f"secure aggregation: {len(keys)} key bytes for "
                          f"{len(neighbours)} neighbours")
-    pairs = [keys[2 * KEY_BYTES * k:2 * KEY_BYTES * (k + 1)] for k in range(len(neighbours))]
-    state, ciphertexts = client_shares(state, params, neighbours,
-                                       [p[:KEY_BYTES] for p in pairs], [p[KEY_BYTES:] for p in pairs])
+    pairs = split_equal(keys, len(neighbours))  # each: encryption key || mask key
+    state, ciphertexts = client_shares(state, params, neighbours, [p[:KEY_BYTES] for p in pairs],
+                                       [p[KEY_BYTES:] for p in pairs])
     _save(context, state)
     return _reply(msg, {"ciphertexts": byte_array(join_equal(ciphertexts))})
 

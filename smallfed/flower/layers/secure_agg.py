@@ -61,7 +61,6 @@ from smallfed.flower.secagg import (
     KEY_BYTES,
     byte_array,
     encoding_for,
-    flatten,
     int_array,
     min_survivors,
     payload_bytes,
@@ -71,8 +70,8 @@ from smallfed.flower.secagg import (
     rotation_seed,
     split_equal,
     unflatten,
-    unpack_masked,
 )
+from smallfed.codec.bits import unpack_codes
 from smallfed.compact.pruning import compact_template, expand
 from smallfed.privacy.subspace import round_subspace, subspace_config
 from smallfed.secagg.protocol import (
@@ -225,8 +224,8 @@ class SecureAggregation(Layer):
             try:
                 if i is None or i not in state.senders:
                     raise ValueError("it was not in this round's secure sum")
-                vector = unpack_masked(payload_bytes(reply.content[ARRAYS_KEY]),
-                                       params.length, params.bits)
+                vector = unpack_codes(payload_bytes(reply.content[ARRAYS_KEY]),
+                                      params.length, params.bits)
                 check_vector(params, vector, f"the masked update of party {i}")
                 state.masked[i] = vector
             except (KeyError, TypeError, ValueError) as err:  # SecAggError is a ValueError
@@ -352,7 +351,8 @@ class SecureAggregation(Layer):
         contents = {nodes[i]: RecordDict({CONFIG_RECORD: ConfigRecord({"round": server_round}),
                                           DATA_RECORD: lists}) for i in state.masked}
         out = {}
-        for node, reply in self._exchange(self._grid, server_round, "secagg_unmask", contents).items():
+        replies = self._exchange(self._grid, server_round, "secagg_unmask", contents)
+        for node, reply in replies.items():
             try:
                 data = reply.content[DATA_RECORD]
                 owners = read_ints(data, "owners", state.cohort)
