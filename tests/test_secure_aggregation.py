@@ -57,12 +57,15 @@ def initial_model() -> dict[str, np.ndarray]:
     return {k: v.numpy().copy() for k, v in model.state_dict().items()}
 
 
-def clipped_mean(replies: Iterable[Message], start: dict[str, np.ndarray], clip: float
-                 ) -> dict[str, np.ndarray]:
+def models(replies: Iterable[Message]) -> list[dict[str, np.ndarray]]:
+    return [record_arrays(reply.content[ARRAYS_KEY]) for reply in replies]
+
+
+def clipped_mean(clients: list[dict[str, np.ndarray]], start: dict[str, np.ndarray],
+                 clip: float) -> dict[str, np.ndarray]:
     """start + the plain mean of the clients' deltas, each clipped to ``clip`` in L2."""
     deltas = []
-    for reply in replies:
-        model = record_arrays(reply.content[ARRAYS_KEY])
+    for model in clients:
         delta = {k: model[k].astype(np.float64) - start[k] for k in start}
         norm = math.sqrt(sum(float(np.sum(v * v)) for v in delta.values()))
         deltas.append({k: v * min(1.0, clip / norm) for k, v in delta.items()})
@@ -90,7 +93,7 @@ def test_the_secure_sum_is_the_mean_of_the_clipped_updates(
         tmp_path: Path, plain: dict[int, Message]) -> None:
     results, model, replies = run(tmp_path, "secure", secure_aggregation=True)
     start = initial_model()
-    assert_close(model, clipped_mean(plain.values(), start, 2.0), results)
+    assert_close(model, clipped_mean(models(plain.values()), start, 2.0), results)
     # What the server held of each client: a masked vector of 16-bit integers, no metrics.
     d = sum(v.size for v in start.values())
     for reply in replies.values():
@@ -103,6 +106,26 @@ def test_the_secure_sum_is_the_mean_of_the_clipped_updates(
     assert 0 < last["secagg_bytes_up"] < last["bytes_up"]
     block = results["summary"]["secure_aggregation"]
     assert (block["bits"], block["coordinates"], block["cohort"]) == (16, d, 9)
+
+
+def test_with_a_shared_subspace_only_its_coordinates_are_summed(
+        tmp_path: Path, plain: dict[int, Message]) -> None:
+    """subspace = 0.1: each client encodes and masks only the round's 10% of coordinates
+    (the integer codec composes with the shared subspace), clipped in that subspace."""
+    from smallfed.privacy.subspace import subspace_masks, subspace_seed
+
+    results, model, replies = run(tmp_path, "subspace", secure_aggregation=True, subspace=0.1)
+    start = initial_model()
+    masks = subspace_masks(0.1, subspace_seed(BASE["seed"], 1),
+                           {k: v.shape for k, v in start.items()})
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert results["summary"]["secure_aggregation"]["coordinates"] == kept
+    assert all(len(r.content[ARRAYS_KEY]["payload"].data) == 2 * kept for r in replies.values())
+    inside = [{k: np.where(masks[k], m[k], start[k]) for k in start}  # cut to the subspace
+              for m in models(plain.values())]
+    want = clipped_mean(inside, start, 2.0)
+    assert_close(model, want, results)
+    assert all(np.array_equal(model[k][~masks[k]], start[k][~masks[k]]) for k in start)
 
 
 def drop_after(action: str, count: int) -> Hook:
@@ -122,7 +145,7 @@ def test_a_third_dropping_after_the_masked_upload_still_counts(
     results, model, replies = run(tmp_path, "late", drop_after("train", 3),
                                   secure_aggregation=True)
     assert len(replies) == 9 and results["rounds"][-1]["clients"] == 9
-    assert_close(model, clipped_mean(plain.values(), initial_model(), 2.0), results)
+    assert_close(model, clipped_mean(models(plain.values()), initial_model(), 2.0), results)
 
 
 def test_parties_dropping_before_the_upload_are_left_out(
@@ -131,7 +154,7 @@ def test_parties_dropping_before_the_upload_are_left_out(
                                   secure_aggregation=True)
     assert len(replies) == 6 and results["rounds"][-1]["clients"] == 6
     theirs = [plain[place] for place in replies]  # the same partitions, in the clear
-    assert_close(model, clipped_mean(theirs, initial_model(), 2.0), results)
+    assert_close(model, clipped_mean(models(theirs), initial_model(), 2.0), results)
 
 
 def test_a_sparse_graph_with_a_third_dropping_at_both_stages(tmp_path: Path) -> None:
@@ -150,7 +173,7 @@ def test_a_sparse_graph_with_a_third_dropping_at_both_stages(tmp_path: Path) -> 
     assert block["neighbours"] < 39 and block["min_survivors"] == 27
     assert len(replies) == 34 and results["rounds"][-1]["clients"] == 34
     theirs = [clear[place] for place in replies]
-    assert_close(model, clipped_mean(theirs, initial_model(), 2.0), results)
+    assert_close(model, clipped_mean(models(theirs), initial_model(), 2.0), results)
 
 
 def test_on_rays_simulation_engine(tmp_path: Path, plain: dict[int, Message]) -> None:
@@ -162,7 +185,7 @@ def test_on_rays_simulation_engine(tmp_path: Path, plain: dict[int, Message]) ->
                        tmp_path, progress=False)
     assert results["rounds"][-1]["clients"] == 9
     assert_close(load_checkpoint(tmp_path).global_arrays,
-                 clipped_mean(plain.values(), initial_model(), 2.0), results)
+                 clipped_mean(models(plain.values()), initial_model(), 2.0), results)
 
 
 def test_too_few_survivors_fail_the_round_and_the_run_goes_on(tmp_path: Path) -> None:
