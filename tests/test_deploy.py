@@ -410,7 +410,7 @@ def test_secure_aggregation_survives_a_node_killed_before_unmasking(tmp_path: Pa
     procs = Processes(env, tmp_path)
     config = (f"num-server-rounds=1 num-clients=4 clients-per-round=4 out-dir='{out}' "
               "secure-aggregation=true privacy='user' dp-noise=0.5 dp-clip=0.5 "
-              "fraction-evaluate=0.0 secagg-timeout-s=10.0")
+              "fraction-evaluate=0.0")
     try:
         start_superlink(procs, tmp_path, port)
         nodes = []

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -82,6 +83,10 @@ from smallfed.secagg.protocol import (
     choose_graph,
     server_unmask,
 )
+
+
+POLL_S = 0.5  # how often the unmasking checks for replies (Flower's own loop: 3 s)
+GRACE_S = 2.0  # how long it waits for spare shares once it has enough
 
 
 @dataclass
@@ -267,15 +272,24 @@ class SecureAggregation(Layer):
 
     # --- the exchanges ----------------------------------------------------------
     def _exchange(self, grid: Grid, server_round: int, action: str,
-                  contents: dict[int, RecordDict]) -> dict[int, Message]:
-        """Send each node its content as ``query.<action>``; the good replies by node id."""
-        messages = [grid.create_message(content, f"query.{action}", node, str(server_round))
+                  contents: dict[int, RecordDict],
+                  enough: Callable[[set[int]], bool] | None = None) -> dict[int, Message]:
+        """Send each node its content as ``query.<action>``; the good replies by node id.
+
+        Waits for every reply, up to ``secagg-timeout-s``; with ``enough(nodes that
+        replied)``, only until it holds and a short grace has passed for spare replies:
+        the unmasking needs t shares of each secret, not an answer from a node that died.
+        """
+        messages = [Message(content, node, f"query.{action}", group_id=str(server_round))
                     for node, content in contents.items()]
         for message in messages:
             size = message_array_bytes(message)
             self.bytes_down += size
             self.traffic.add(message.metadata.dst_node_id, down=size)
-        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        if enough is None:
+            replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        else:
+            replies = self._until_enough(grid, messages, enough)
         for reply in replies:
             size = message_array_bytes(reply)
             self.bytes_up += size
@@ -290,6 +304,23 @@ class SecureAggregation(Layer):
             elif reply.metadata.src_node_id in contents and DATA_RECORD in reply.content:
                 good[reply.metadata.src_node_id] = reply
         return good
+
+    def _until_enough(self, grid: Grid, messages: list[Message],
+                      enough: Callable[[set[int]], bool]) -> list[Message]:
+        """Flower's send_and_receive, but done once ``enough`` holds (plus a grace)."""
+        waiting = set(grid.push_messages(messages))
+        replies: list[Message] = []
+        deadline, grace_end = time.monotonic() + self.timeout, math.inf
+        while waiting and time.monotonic() < min(deadline, grace_end):
+            new = list(grid.pull_messages(waiting))
+            replies += new
+            waiting -= {m.metadata.reply_to_message_id for m in new}
+            answered = {m.metadata.src_node_id for m in replies if not m.has_error()}
+            if grace_end == math.inf and enough(answered):
+                grace_end = time.monotonic() + GRACE_S
+            if waiting:
+                time.sleep(POLL_S)
+        return replies
 
     def _advertise(self, grid: Grid, server_round: int, state: _Round) -> dict[int, bytes]:
         """Exchange 1: party index -> its two public keys (c || s)."""
@@ -351,7 +382,18 @@ class SecureAggregation(Layer):
         contents = {nodes[i]: RecordDict({CONFIG_RECORD: ConfigRecord({"round": server_round}),
                                           DATA_RECORD: lists}) for i in state.masked}
         out = {}
-        replies = self._exchange(self._grid, server_round, "secagg_unmask", contents)
+        holders = {i: [i, *state.senders[i]] for i in state.masked}  # of each b
+        for i in state.masked:  # and of each dropped party's mask secret
+            for j in state.senders[i]:
+                if j not in state.masked:
+                    holders.setdefault(j, []).append(i)
+
+        def enough(answered: set[int]) -> bool:
+            parties = {state.index[node] for node in answered}
+            return all(len(parties.intersection(h)) >= state.params.threshold
+                       for h in holders.values())
+
+        replies = self._exchange(self._grid, server_round, "secagg_unmask", contents, enough)
         for node, reply in replies.items():
             try:
                 data = reply.content[DATA_RECORD]
