@@ -433,6 +433,19 @@ class Config:
             raise ConfigError(
                 "secure-aggregation: pruning, weight sharing and QAT are not supported with "
                 "it yet; set prune = 'none', share-weights = 0 and qat-rounds = 0")
+        if self.fraction_evaluate > 0:
+            raise ConfigError(
+                f"fraction-evaluate: {self.fraction_evaluate} asks clients for loss, accuracy "
+                "and example counts on their own data, in the clear, which secure "
+                "aggregation exists to avoid; set fraction-evaluate = 0 (the server always "
+                "evaluates on its held-out set)")
+        if self.min_replies > 1:
+            raise ConfigError(
+                "min-replies: secure aggregation sets its own floor (at least "
+                "(1 - secagg-max-dropout) of each cohort); leave min-replies at 1")
+        if self.num_clients >= 1 << 16:
+            raise ConfigError(f"num-clients: {self.num_clients}: secure aggregation numbers a "
+                              "cohort's parties in 16 bits; use fewer than 65,536 clients")
         if math.ceil((1 - self.secagg_max_dropout) * self.clients_per_round) < 3:
             raise ConfigError(
                 f"clients-per-round: {self.clients_per_round} with secagg-max-dropout "

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from smallfed.config import Config, ConfigError
 from smallfed.flower.checkpoint import load as load_checkpoint
 from smallfed.flower.client import build_client_app
 from smallfed.flower.inprocess import InProcessGrid
 from smallfed.flower.records import ARRAYS_KEY, record_arrays
+from smallfed.flower.secagg import DATA_RECORD, byte_array
 from smallfed.flower.server import build_server_app
 from smallfed.models import build_model
 
@@ -188,6 +189,78 @@ def test_on_rays_simulation_engine(tmp_path: Path, plain: dict[int, Message]) ->
                  clipped_mean(models(plain.values()), initial_model(), 2.0), results)
 
 
+def hostile_app(cfg: Config, action: str, mutate: Callable[[Message], None]) -> Callable:
+    """The real ClientApp, except that the first node to answer ``action`` has its reply
+    rewritten by ``mutate``, as a modified client would."""
+    app, done = build_client_app(cfg), []
+
+    def call(msg: Message, context: Context) -> Message:
+        reply = app(msg, context)
+        if msg.metadata.message_type == action and not done and not reply.has_error():
+            done.append(msg.metadata.dst_node_id)
+            mutate(reply)
+        return reply
+
+    return call
+
+
+def _zero_keys(reply: Message) -> None:  # a low-order X25519 point for both keys
+    reply.content[DATA_RECORD] = ArrayRecord({"keys": byte_array(bytes(64))})
+
+
+def _config_instead_of_arrays(reply: Message) -> None:
+    del reply.content[DATA_RECORD]
+    reply.content[DATA_RECORD] = ConfigRecord({"ciphertexts": b"x"})
+
+
+def _garbage_shares(reply: Message) -> None:
+    shares = reply.content[DATA_RECORD]["shares"]
+    reply.content[DATA_RECORD]["shares"] = byte_array(np.random.default_rng(0).bytes(
+        len(shares.data)))
+
+
+@pytest.mark.parametrize("action, mutate, summed", [
+    ("query.secagg_keys", _zero_keys, 8),  # left out before anyone uses its keys
+    ("query.secagg_shares", _config_instead_of_arrays, 8),
+    ("query.secagg_unmask", _garbage_shares, 9),  # outvoted by spare shares
+])
+def test_a_hostile_reply_in_any_exchange_is_rejected_and_the_round_goes_on(
+        tmp_path: Path, plain: dict[int, Message], action: str, mutate: Callable,
+        summed: int) -> None:
+    cfg = Config(**{**BASE, "secure_aggregation": True})
+    grid = InProcessGrid(hostile_app(cfg, action, mutate), cfg.num_clients,
+                         run_config=cfg.to_dict())
+    build_server_app(cfg, tmp_path)(grid, grid.server_context())
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["rounds"][-1]["clients"] == summed
+    if summed == 9:
+        assert_close(load_checkpoint(tmp_path).global_arrays,
+                     clipped_mean(models(plain.values()), initial_model(), 2.0), results)
+
+
+def test_a_client_that_skips_its_clip_is_bounded_in_the_sum(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile client encodes every coordinate at the top of the range: the server
+    cannot see its update, but the decoded sum exceeds what clipped updates reach, so it
+    is scaled down to that bound (and counted)."""
+    from smallfed.privacy.distributed import IntegerEncoding
+
+    honest, calls = IntegerEncoding.encode, []
+
+    def encode(self: IntegerEncoding, vector: np.ndarray, seed: int) -> np.ndarray:
+        calls.append(1)
+        out = honest(self, vector, seed)
+        return out if len(calls) > 1 else np.full_like(out, (1 << (self.bits - 1)) - 1)
+
+    monkeypatch.setattr(IntegerEncoding, "encode", encode)
+    results, model, _ = run(tmp_path, "unclipped", secure_aggregation=True)
+    last = results["rounds"][-1]
+    assert last["clients"] == 9 and last["updates_clipped"] == 1
+    start = initial_model()
+    moved = math.sqrt(sum(float(np.sum((model[k] - start[k]) ** 2)) for k in start))
+    assert moved <= 2.0 * 1.01  # the mean of 9 updates of norm <= 2 (within the rounding)
+
+
 def test_too_few_survivors_fail_the_round_and_the_run_goes_on(tmp_path: Path) -> None:
     results, _, replies = run(tmp_path, "fail", drop_after("query.secagg_keys", 4),
                               secure_aggregation=True, num_server_rounds=2)
@@ -210,6 +283,8 @@ def test_distributed_dp_reports_the_central_epsilon_and_the_servers(tmp_path: Pa
 
 @pytest.mark.parametrize("changes, problem", [
     (dict(privacy="sample"), "privacy = 'sample'"),
+    (dict(fraction_evaluate=0.5), "fraction-evaluate"),
+    (dict(min_replies=2), "min-replies"),
     (dict(update_clip=0.0), "update-clip"),
     (dict(strategy="fedmedian"), "strategy"),
     (dict(codec="quantize:8"), "codec"),

@@ -132,6 +132,10 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
     @app.evaluate()
     def handle_evaluate(msg: Message, context: Context) -> Message:
         config = config_of(context)
+        if config.secure_aggregation:
+            raise ValueError("this run uses secure aggregation: nothing about this node's data "
+                             "leaves in the clear, evaluation metrics included; set "
+                             "fraction-evaluate = 0")
         if config.privacy == "sample" or DeviceFloor.of(context.node_config) is not None:
             # Evaluation metrics are data-dependent and not noised: nothing the accountant
             # counts may be released, so a private client never evaluates (the server

@@ -92,19 +92,31 @@ def int_array(values: Sequence[int]) -> Array:
     return Array(np.asarray(values, dtype=np.uint16).reshape(-1))
 
 
-def read_bytes(record: ArrayRecord, key: str) -> bytes:
+def data_record(content: RecordDict) -> ArrayRecord:
+    """The protocol's ArrayRecord of a message; ValueError if it has none."""
+    record = content.array_records.get(DATA_RECORD)
+    if record is None:
+        raise ValueError(f"secure aggregation: no '{DATA_RECORD}' arrays in the message")
+    return record
+
+
+def _array(record: ArrayRecord, key: str) -> Array:
     array = record.get(key)
-    if array is None or array.stype != STYPE or array.dtype != "uint8":
-        raise ValueError(f"secure aggregation: '{key}' missing or not bytes")
+    if not isinstance(array, Array):
+        raise ValueError(f"secure aggregation: '{key}' missing or not an array")
+    return array
+
+
+def read_bytes(record: ArrayRecord, key: str) -> bytes:
+    array = _array(record, key)
+    if array.stype != STYPE or array.dtype != "uint8":
+        raise ValueError(f"secure aggregation: '{key}' is not bytes")
     return bytes(array.data)
 
 
 def read_ints(record: ArrayRecord, key: str, below: int) -> list[int]:
     """A list of party indices, each in [0, below)."""
-    array = record.get(key)
-    if array is None:
-        raise ValueError(f"secure aggregation: '{key}' missing")
-    values = array.numpy()
+    values = _array(record, key).numpy()
     if values.ndim != 1 or values.dtype.kind not in "iu":
         raise ValueError(f"secure aggregation: '{key}' is not a list of indices")
     if values.size and (values.min() < 0 or values.max() >= below):
@@ -115,7 +127,7 @@ def read_ints(record: ArrayRecord, key: str, below: int) -> list[int]:
 def payload_bytes(record: ArrayRecord) -> bytes:
     """The masked update's bytes from a train reply's ArrayRecord."""
     array = record.get(PAYLOAD_KEY) if len(record) == 1 else None
-    if array is None or array.stype != STYPE or array.dtype != "uint8":
+    if not isinstance(array, Array) or array.stype != STYPE or array.dtype != "uint8":
         raise ValueError(f"expected one '{PAYLOAD_KEY}' array of type {STYPE} (a masked update)")
     return bytes(array.data)
 
@@ -199,7 +211,7 @@ def _reply(msg: Message, arrays: Mapping[str, Array]) -> Message:
 
 def handle_keys(msg: Message, context: Context, cfg: Config) -> Message:
     """Exchange 1: fresh key pairs for this round; the public halves go up."""
-    from smallfed.secagg.protocol import Params, client_keys
+    from smallfed.secagg.protocol import Params, choose_degree, client_keys
 
     conf = msg.content.config_records[CONFIG_RECORD]
     params = Params.from_config(conf)
@@ -216,6 +228,10 @@ def handle_keys(msg: Message, context: Context, cfg: Config) -> Message:
         raise ValueError(f"secure aggregation: the server would unmask {params.min_survivors} "
                          f"of {cohort} updates; this run's secagg-max-dropout needs at least "
                          f"{floor}")
+    _, threshold = choose_degree(cohort, cfg.secagg_max_dropout)
+    if params.threshold < threshold:
+        raise ValueError(f"secure aggregation: the server asks for a threshold of "
+                         f"{params.threshold} shares; a cohort of {cohort} needs {threshold}")
     state, c_public, s_public = client_keys(index)
     _save(context, state)
     context.state[ROUND_KEY] = ConfigRecord(
@@ -227,7 +243,7 @@ def handle_shares(msg: Message, context: Context) -> Message:
     """Exchange 2: this node's secrets, shared among its neighbours, encrypted to each."""
     from smallfed.secagg.protocol import client_shares
 
-    conf, data = msg.content.config_records[CONFIG_RECORD], msg.content[DATA_RECORD]
+    conf, data = msg.content.config_records[CONFIG_RECORD], data_record(msg.content)
     state = _state(context, int(conf["round"]))
     params, _, cohort = _params(context)
     neighbours = read_ints(data, "neighbours", cohort)
@@ -247,7 +263,7 @@ def handle_unmask(msg: Message, context: Context) -> Message:
     parties' pairwise masks (never both of one party); the secrets are then forgotten."""
     from smallfed.secagg.protocol import client_unmask
 
-    conf, data = msg.content.config_records[CONFIG_RECORD], msg.content[DATA_RECORD]
+    conf, data = msg.content.config_records[CONFIG_RECORD], data_record(msg.content)
     state = _state(context, int(conf["round"]))
     _, _, cohort = _params(context)
     owners, shares = client_unmask(state, read_ints(data, "survivors", cohort),
@@ -270,12 +286,16 @@ def make_secagg_mod(
     """
 
     def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if CONFIG_RECORD not in msg.content.config_records:
+        cfg = config_of(context)
+        if not cfg.secure_aggregation:
             return call_next(msg, context)
+        if CONFIG_RECORD not in msg.content.config_records:
+            # The run promises that no update leaves in the clear: not even if asked.
+            raise ValueError("secure aggregation: this train message has no secure-"
+                             "aggregation keys, and this run's updates leave only masked")
         from smallfed.secagg.protocol import client_masked
 
-        cfg = config_of(context)
-        conf, data = msg.content.config_records[CONFIG_RECORD], msg.content[DATA_RECORD]
+        conf, data = msg.content.config_records[CONFIG_RECORD], data_record(msg.content)
         server_round = int(conf["round"])
         state = _state(context, server_round)
         params, _, cohort = _params(context)

@@ -68,7 +68,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
-    "Params", "SecAggError", "State", "check_vector", "choose_degree", "choose_graph",
+    "CIPHERTEXT_BYTES", "Params", "SecAggError", "State", "check_public_key", "check_vector",
+    "choose_degree", "choose_graph",
     "client_keys", "client_masked", "client_shares", "client_unmask", "server_unmask",
 ]
 
@@ -78,6 +79,7 @@ State = dict[str, int | bytes | list[int] | list[bytes] | bool | str]
 
 SEED_BYTES = 16  # b and the mask secret: one Shamir block each (PyCryptodome takes 16 bytes)
 KEY_BYTES = 32  # raw X25519 public keys
+CIPHERTEXT_BYTES = 2 * SEED_BYTES + 16  # a neighbour's two shares and the AEAD tag
 FULL_GRAPH_MAX = 32  # cohorts this small always use the full graph
 FAILURE_BOUND = 1e-4  # choose_degree: P(some party cannot be unmasked) at max_dropout
 # Every ChaCha20 / ChaCha20-Poly1305 key below is fresh and used for exactly one message or
@@ -274,6 +276,15 @@ def _mask_private(seed: bytes) -> X25519PrivateKey:
 
 def _public(private: X25519PrivateKey) -> bytes:
     return private.public_key().public_bytes_raw()
+
+
+def check_public_key(public: bytes, party: int) -> None:
+    """SecAggError unless ``public`` is an X25519 key a party can agree with: a low-order
+    point (32 zero bytes, say) makes every neighbour's key agreement fail, so the server
+    leaves such a party out before its neighbours see it."""
+    if not isinstance(public, bytes) or len(public) != KEY_BYTES:
+        raise SecAggError(f"party {party}'s public key is not {KEY_BYTES} bytes")
+    _agree(X25519PrivateKey.generate(), public, party)
 
 
 def _agree(private: X25519PrivateKey, public: bytes, party: int) -> bytes:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from smallfed.codec import parse_codec
-from smallfed.config import Config
+from smallfed.config import Config, ConfigError
 from smallfed.flower.layers.bound import BoundUpdates
 from smallfed.flower.layers.clock import DeviceClock
 from smallfed.flower.layers.decode import DecodeUpdates
@@ -72,7 +73,7 @@ def build_strategy(  # pylint: disable=too-many-arguments
         from smallfed.flower.layers.secure_agg import SecAggTraffic
 
         traffic = SecAggTraffic()
-        strategy, poisson = _secure(cfg, strategy, traffic)
+        strategy, poisson = _secure(cfg, strategy, traffic, model)
     elif cfg.privacy == "user":
         # Here, not at the top: the accountant imports Opacus, which only DP needs.
         from smallfed.flower.layers.user_dp import UserLevelDPLayer
@@ -112,10 +113,28 @@ def build_strategy(  # pylint: disable=too-many-arguments
     return RoundOffset(strategy, done)
 
 
-def _secure(cfg: Config, strategy: Strategy, traffic: Any) -> tuple[Strategy, tuple | None]:
+def _secure(cfg: Config, strategy: Strategy, traffic: Any, model: nn.Module
+            ) -> tuple[Strategy, tuple | None]:
     """The secure-aggregation layer over ``strategy`` and, under DP, its Poisson sampling;
-    it notes each node's protocol bytes in ``traffic`` (a ``SecAggTraffic``)."""
+    it notes each node's protocol bytes in ``traffic`` (a ``SecAggTraffic``).
+
+    The integer encoding is planned here for a large cohort (the expected one plus four
+    standard deviations of Poisson sampling), so too few secagg-bits fail before the run.
+    """
     from smallfed.flower.layers.secure_agg import SecureAggregation
+    from smallfed.flower.secagg import encoding_for, min_survivors
+    from smallfed.privacy.subspace import subspace_masks
+
+    sizes = [p.numel() for p in model.state_dict().values()]
+    if cfg.subspace > 0:
+        template = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        sizes = [int(m.sum()) for m in subspace_masks(cfg.subspace, 0, template).values()]
+    expected = cfg.clients_per_round
+    cohort = min(cfg.num_clients, math.ceil(expected + 4 * math.sqrt(expected)))
+    try:
+        encoding_for(cfg, sum(sizes), min_survivors(cohort, cfg.secagg_max_dropout), cohort)
+    except ValueError as err:
+        raise ConfigError(f"secagg-bits: {err}") from err
 
     user_dp = None
     if cfg.privacy == "user":

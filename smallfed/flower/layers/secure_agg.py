@@ -61,6 +61,7 @@ from smallfed.flower.secagg import (
     DATA_RECORD,
     KEY_BYTES,
     byte_array,
+    data_record,
     encoding_for,
     int_array,
     min_survivors,
@@ -76,9 +77,10 @@ from smallfed.codec.bits import unpack_codes
 from smallfed.compact.pruning import compact_template, expand
 from smallfed.privacy.subspace import round_subspace, subspace_config
 from smallfed.secagg.protocol import (
+    CIPHERTEXT_BYTES,
     Params,
     SecAggError,
-    check_vector,
+    check_public_key,
     choose_degree,
     choose_graph,
     server_unmask,
@@ -146,7 +148,7 @@ class SecureAggregation(Layer):
 
     def _reset(self) -> None:
         self.traffic.of.clear()
-        self.aggregated = self.failed = self.rejected = 0
+        self.aggregated = self.failed = self.rejected = self.clipped = 0
         self.bytes_up = self.bytes_down = 0
         self._round = None
 
@@ -186,9 +188,13 @@ class SecureAggregation(Layer):
         degree, threshold = choose_degree(cohort, self.cfg.secagg_max_dropout)
         params = Params(bits=self.cfg.secagg_bits, length=dimension, threshold=threshold,
                         min_survivors=survivors)
+        try:  # checked before the run for the expected cohort; a Poisson sample may be larger
+            encoding = encoding_for(self.cfg, dimension, survivors, cohort)
+        except ValueError as err:
+            return self._fail(server_round, str(err))
         index = {m.metadata.dst_node_id: i for i, m in enumerate(messages)}
         state = _Round(params, cohort, index, [[] for _ in range(cohort)], {}, {}, global_,
-                       masks, encoding_for(self.cfg, dimension, survivors, cohort))
+                       masks, encoding)
         keys = self._advertise(grid, server_round, state)
         if len(keys) < survivors:
             return self._fail(server_round, f"{len(keys)} of {cohort} nodes sent keys, "
@@ -224,18 +230,15 @@ class SecureAggregation(Layer):
         if state is None:
             return None, None
         params = state.params
-        for reply in replies:
-            i = state.index.get(reply.metadata.src_node_id)
-            try:
-                if i is None or i not in state.senders:
-                    raise ValueError("it was not in this round's secure sum")
-                vector = unpack_codes(payload_bytes(reply.content[ARRAYS_KEY]),
-                                      params.length, params.bits)
-                check_vector(params, vector, f"the masked update of party {i}")
-                state.masked[i] = vector
-            except (KeyError, TypeError, ValueError) as err:  # SecAggError is a ValueError
-                self.rejected += 1
-                reject(server_round, reply, f"bad masked update: {err}")
+        def masked_of(reply: Message) -> np.ndarray:
+            if state.index.get(reply.metadata.src_node_id) not in state.senders:
+                raise ValueError("it was not in this round's secure sum")
+            return unpack_codes(payload_bytes(reply.content[ARRAYS_KEY]), params.length,
+                                params.bits)
+
+        for node, vector in self._read(
+                server_round, {r.metadata.src_node_id: r for r in replies}, masked_of).items():
+            state.masked[state.index[node]] = vector
         if len(state.masked) < params.min_survivors:
             self._fail(server_round, f"{len(state.masked)} masked updates arrived, "
                        f"{params.min_survivors} needed")
@@ -245,6 +248,10 @@ class SecureAggregation(Layer):
                                   state.masked, self._unmask(server_round, state))
         except SecAggError as err:
             self._fail(server_round, str(err))
+            return None, None
+        except Exception as err:  # pylint: disable=broad-exception-caught
+            # Shares come from clients: whatever they break, the round fails, not the run.
+            self._fail(server_round, f"unmasking failed ({type(err).__name__}: {err})")
             return None, None
         self.aggregated = len(state.masked)
         for node, i in state.index.items():
@@ -264,11 +271,32 @@ class SecureAggregation(Layer):
         """global + the decoded sum / the divisor: the expected cohort under DP (as DP-FedAvg
         divides, so that the divisor reveals nothing), the survivors otherwise."""
         summed = state.encoding.decode_sum(total, rotation_seed(self.cfg.seed, server_round))
+        summed = self._bounded(server_round, state, summed)
         divisor = self.dp.expected_clients if self.dp is not None else len(state.masked)
         template = {k: v.shape for k, v in state.global_.items()}
         delta = expand(unflatten(summed / divisor, compact_template(template, state.masks)),
                        state.masks, template)
         return {k: (v + delta[k]).astype(v.dtype) for k, v in state.global_.items()}
+
+    def _bounded(self, server_round: int, state: _Round, summed: np.ndarray) -> np.ndarray:
+        """The decoded sum, scaled down to what honest clients can reach.
+
+        The server cannot check one masked update, but it can check the sum: n clipped
+        updates (each at most the rounded sensitivity) plus the noise (its norm
+        concentrates at sqrt(d) sigma, with a standard deviation of sigma / sqrt(2)). A
+        sum beyond that holds a client that did not clip, or a wrapped coordinate; it is
+        scaled down, which is post-processing (DP unchanged) and bounds the damage."""
+        encoding, n = state.encoding, len(state.masked)
+        sigma = math.sqrt(n) * encoding.noise_std * encoding.scale
+        limit = n * encoding.sensitivity * encoding.scale + (math.sqrt(summed.size) + 6) * sigma
+        norm = float(np.linalg.norm(summed))
+        if norm <= limit:
+            return summed
+        self.clipped += 1
+        log(WARNING, "Round %d: the decoded sum's norm %.4g exceeds what %d clipped updates and "
+            "the noise reach (%.4g): scaled down; a client sent more than its clip",
+            server_round, norm, n, limit)
+        return summed * (limit / norm)
 
     # --- the exchanges ----------------------------------------------------------
     def _exchange(self, grid: Grid, server_round: int, action: str,
@@ -301,7 +329,7 @@ class SecureAggregation(Layer):
                 log(WARNING, "Round %d: node %d failed in %s: %s", server_round,
                     reply.metadata.src_node_id, action,
                     (reply.error.reason or "no reason").strip().splitlines()[0])
-            elif reply.metadata.src_node_id in contents and DATA_RECORD in reply.content:
+            elif reply.metadata.src_node_id in contents:
                 good[reply.metadata.src_node_id] = reply
         return good
 
@@ -327,16 +355,17 @@ class SecureAggregation(Layer):
         base = {**state.params.to_config(), "round": server_round, "cohort": state.cohort}
         contents = {node: RecordDict({CONFIG_RECORD: ConfigRecord({**base, "index": i})})
                     for node, i in state.index.items()}
-        keys = {}
-        for node, reply in self._exchange(grid, server_round, "secagg_keys", contents).items():
-            try:
-                pair = read_bytes(reply.content[DATA_RECORD], "keys")
-            except (KeyError, TypeError, ValueError) as err:
-                reject(server_round, reply, str(err))
-                continue
-            if len(pair) == 2 * KEY_BYTES:
-                keys[state.index[node]] = pair
-        return keys
+        def keys_of(reply: Message) -> bytes:
+            pair = read_bytes(data_record(reply.content), "keys")
+            if len(pair) != 2 * KEY_BYTES:
+                raise ValueError(f"{len(pair)} key bytes, expected {2 * KEY_BYTES}")
+            for key in (pair[:KEY_BYTES], pair[KEY_BYTES:]):
+                check_public_key(key, state.index[reply.metadata.src_node_id])
+            return pair
+
+        replies = self._exchange(grid, server_round, "secagg_keys", contents)
+        return {state.index[node]: pair
+                for node, pair in self._read(server_round, replies, keys_of).items()}
 
     def _share(self, grid: Grid, server_round: int, state: _Round, keys: dict[int, bytes],
                degree: int) -> dict[int, list[bytes]]:
@@ -355,18 +384,17 @@ class SecureAggregation(Layer):
                 CONFIG_RECORD: ConfigRecord({"round": server_round}),
                 DATA_RECORD: ArrayRecord({"neighbours": int_array(nb),
                                           "keys": byte_array(b"".join(keys[j] for j in nb))})})
-        shares = {}
-        for node, reply in self._exchange(grid, server_round, "secagg_shares", contents).items():
-            i = state.index[node]
-            try:
-                texts = split_equal(read_bytes(reply.content[DATA_RECORD], "ciphertexts"),
-                                    len(state.neighbours[i]))
-            except (KeyError, TypeError, ValueError) as err:
-                reject(server_round, reply, str(err))
-                continue
-            if len(texts) == len(state.neighbours[i]):
-                shares[i] = texts
-        return shares
+        def ciphertexts_of(reply: Message) -> list[bytes]:
+            count = len(state.neighbours[state.index[reply.metadata.src_node_id]])
+            data = read_bytes(data_record(reply.content), "ciphertexts")
+            if len(data) != count * CIPHERTEXT_BYTES:
+                raise ValueError(f"{len(data)} bytes of ciphertexts, expected {count} of "
+                                 f"{CIPHERTEXT_BYTES}")
+            return split_equal(data, count)
+
+        replies = self._exchange(grid, server_round, "secagg_shares", contents)
+        return {state.index[node]: texts
+                for node, texts in self._read(server_round, replies, ciphertexts_of).items()}
 
     def _unmask(self, server_round: int, state: _Round
                 ) -> dict[int, tuple[list[int], list[bytes]]]:
@@ -381,7 +409,6 @@ class SecureAggregation(Layer):
         nodes = {i: node for node, i in state.index.items()}
         contents = {nodes[i]: RecordDict({CONFIG_RECORD: ConfigRecord({"round": server_round}),
                                           DATA_RECORD: lists}) for i in state.masked}
-        out = {}
         holders = {i: [i, *state.senders[i]] for i in state.masked}  # of each b
         for i in state.masked:  # and of each dropped party's mask secret
             for j in state.senders[i]:
@@ -389,22 +416,32 @@ class SecureAggregation(Layer):
                     holders.setdefault(j, []).append(i)
 
         def enough(answered: set[int]) -> bool:
-            parties = {state.index[node] for node in answered}
+            parties = {state.index.get(node) for node in answered}
             return all(len(parties.intersection(h)) >= state.params.threshold
                        for h in holders.values())
 
+        def shares_of(reply: Message) -> tuple[list[int], list[bytes]]:
+            data = data_record(reply.content)
+            owners = read_ints(data, "owners", state.cohort)
+            return owners, split_equal(read_bytes(data, "shares"), len(owners))
+
         replies = self._exchange(self._grid, server_round, "secagg_unmask", contents, enough)
+        return {state.index[node]: shares
+                for node, shares in self._read(server_round, replies, shares_of).items()}
+
+    def _read(self, server_round: int, replies: dict[int, Message],
+              parse: Callable[[Message], Any]) -> dict[int, Any]:
+        """node -> ``parse(reply)``; a reply it cannot parse is rejected, named in the log,
+        and its node treated as dropped. Anything may fail on a hostile reply, so anything
+        is caught: one client must not stop the round, let alone the server."""
+        parsed = {}
         for node, reply in replies.items():
             try:
-                data = reply.content[DATA_RECORD]
-                owners = read_ints(data, "owners", state.cohort)
-                shares = split_equal(read_bytes(data, "shares"), len(owners))
-            except (KeyError, TypeError, ValueError) as err:
-                reject(server_round, reply, str(err))
-                continue
-            if len(owners) == len(shares):
-                out[state.index[node]] = (owners, shares)
-        return out
+                parsed[node] = parse(reply)
+            except Exception as err:  # pylint: disable=broad-exception-caught
+                self.rejected += 1
+                reject(server_round, reply, f"{type(err).__name__}: {err}")
+        return parsed
 
     def _fail(self, server_round: int, why: str) -> list[Message]:
         log(WARNING, "Round %d: secure aggregation failed (%s); the model stays, the run goes on",
@@ -415,7 +452,8 @@ class SecureAggregation(Layer):
     # --- what the server reports ------------------------------------------------
     def round_stats(self) -> dict[str, float]:
         return {"aggregated": self.aggregated, "failed": self.failed, "rejected": self.rejected,
-                "secagg_bytes_up": self.bytes_up, "secagg_bytes_down": self.bytes_down}
+                "clipped": self.clipped, "secagg_bytes_up": self.bytes_up,
+                "secagg_bytes_down": self.bytes_down}
 
     def epsilon(self) -> tuple[float, float] | None:
         if self.dp is None:
