@@ -307,17 +307,14 @@ class SecureAggregation(Layer):
         Waits for every reply, up to ``secagg-timeout-s``; with ``enough(nodes that
         replied)``, only until it holds and a short grace has passed for spare replies:
         the unmasking needs t shares of each secret, not an answer from a node that died.
-        """
+        """  # Flower's own send_and_receive polls every 3 s; four exchanges a round add up
         messages = [Message(content, node, f"query.{action}", group_id=str(server_round))
                     for node, content in contents.items()]
         for message in messages:
             size = message_array_bytes(message)
             self.bytes_down += size
             self.traffic.add(message.metadata.dst_node_id, down=size)
-        if enough is None:
-            replies = list(grid.send_and_receive(messages, timeout=self.timeout))
-        else:
-            replies = self._until_enough(grid, messages, enough)
+        replies = self._until_enough(grid, messages, enough or (lambda answered: False))
         for reply in replies:
             size = message_array_bytes(reply)
             self.bytes_up += size
@@ -335,7 +332,8 @@ class SecureAggregation(Layer):
 
     def _until_enough(self, grid: Grid, messages: list[Message],
                       enough: Callable[[set[int]], bool]) -> list[Message]:
-        """Flower's send_and_receive, but done once ``enough`` holds (plus a grace)."""
+        """Flower's send_and_receive, polled every POLL_S, and done once ``enough`` holds
+        (plus a grace)."""
         waiting = set(grid.push_messages(messages))
         replies: list[Message] = []
         deadline, grace_end = time.monotonic() + self.timeout, math.inf
