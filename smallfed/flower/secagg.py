@@ -151,12 +151,17 @@ def secagg_clip(cfg: Config) -> float:
 
 def encoding_for(cfg: Config, dimension: int, survivors: int, cohort: int):  # -> IntegerEncoding
     """The round's integer encoding, computed alike by the server and every client."""
-    noise = 0.0
-    if cfg.privacy == "user":
-        from smallfed.privacy.user_dp import user_noise  # Opacus: only under DP
-
-        noise = user_noise(cfg)
+    noise = _noise(cfg) if cfg.privacy == "user" else 0.0
     return _encoding(dimension, secagg_clip(cfg), cfg.secagg_bits, noise, survivors, cohort)
+
+
+@lru_cache(maxsize=8)
+def _noise(cfg: Config) -> float:
+    """The run's noise multiplier; cached, since a target epsilon means an Opacus search
+    and every client asks every round."""
+    from smallfed.privacy.user_dp import user_noise  # Opacus: only under DP
+
+    return user_noise(cfg)
 
 
 @lru_cache(maxsize=64)
