@@ -261,6 +261,32 @@ def test_a_client_that_skips_its_clip_is_bounded_in_the_sum(
     assert moved <= 2.0 * 1.01  # the mean of 9 updates of norm <= 2 (within the rounding)
 
 
+def test_a_resumed_run_keeps_its_accounting_and_its_summary(tmp_path: Path) -> None:
+    """Stopped after round 1 and resumed: the accountant's rounds, each client's count of
+    sums and results.json's secure-aggregation block come back from the checkpoint."""
+    from smallfed.report.results import RoundRecord
+    from smallfed.simulation import simulate
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_round_1(record: RoundRecord, _: int) -> None:
+        if record.round == 1:
+            raise Stop
+
+    cfg = Config(**{**BASE, "secure_aggregation": True, "num_server_rounds": 2,
+                    "privacy": "user", "dp_noise": 1.0, "dp_clip": 0.5})
+    with pytest.raises(Stop):
+        simulate(cfg, tmp_path, progress=False, on_round=stop_after_round_1)
+    stopped = json.loads((tmp_path / "results.json").read_text())["summary"]
+    results = simulate(cfg, tmp_path, progress=False, resume=True)
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    privacy = results["summary"]["privacy"]
+    assert privacy["rounds_accounted"] == 2 and privacy["most_rounds_of_a_client"] == 2
+    assert privacy["epsilon_against_server"] > stopped["privacy"]["epsilon_against_server"]
+    assert results["summary"]["secure_aggregation"]["coordinates"] == 13802
+
+
 def test_too_few_survivors_fail_the_round_and_the_run_goes_on(tmp_path: Path) -> None:
     results, _, replies = run(tmp_path, "fail", drop_after("query.secagg_keys", 4),
                               secure_aggregation=True, num_server_rounds=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from flwr.serverapp.strategy import Strategy
@@ -73,7 +74,8 @@ def build_strategy(  # pylint: disable=too-many-arguments
         from smallfed.flower.layers.secure_agg import SecAggTraffic
 
         traffic = SecAggTraffic()
-        strategy, poisson = _secure(cfg, strategy, traffic, model)
+        strategy, poisson = _secure(cfg, strategy, traffic, model,
+                                    lambda node: partitions.of.get(node, node))
     elif cfg.privacy == "user":
         # Here, not at the top: the accountant imports Opacus, which only DP needs.
         from smallfed.flower.layers.user_dp import UserLevelDPLayer
@@ -113,8 +115,8 @@ def build_strategy(  # pylint: disable=too-many-arguments
     return RoundOffset(strategy, done)
 
 
-def _secure(cfg: Config, strategy: Strategy, traffic: Any, model: nn.Module
-            ) -> tuple[Strategy, tuple | None]:
+def _secure(cfg: Config, strategy: Strategy, traffic: Any, model: nn.Module,
+            place: Callable[[int], int]) -> tuple[Strategy, tuple | None]:
     """The secure-aggregation layer over ``strategy`` and, under DP, its Poisson sampling;
     it notes each node's protocol bytes in ``traffic`` (a ``SecAggTraffic``).
 
@@ -141,7 +143,8 @@ def _secure(cfg: Config, strategy: Strategy, traffic: Any, model: nn.Module
         from smallfed.privacy.user_dp import UserLevelDP
 
         user_dp = UserLevelDP(cfg)
-    layer = SecureAggregation(RollbackNonFinite(strategy), cfg, user_dp, traffic=traffic)
+    layer = SecureAggregation(RollbackNonFinite(strategy), cfg, user_dp, traffic=traffic,
+                              place=place)
     return layer, (user_dp.sample_rate, user_dp.rng) if user_dp is not None else None
 
 

@@ -132,18 +132,23 @@ class SecureAggregation(Layer):
     """SecAgg+: clients mask their clipped integer updates; only the cohort's sum is seen."""
 
     def __init__(self, strategy: Strategy, cfg: Config, dp: Any = None,
-                 timeout: float | None = None, traffic: SecAggTraffic | None = None) -> None:
+                 timeout: float | None = None, traffic: SecAggTraffic | None = None,
+                 place: Callable[[int], int] | None = None) -> None:
         """``dp``: the round's :class:`~smallfed.privacy.user_dp.UserLevelDP` accountant
         under privacy = "user" (the noise is the clients'); None without DP.
-        ``traffic``: where each node's protocol bytes are noted for the device clock."""
+        ``traffic``: where each node's protocol bytes are noted for the device clock.
+        ``place(node)``: a client's lasting identity (its partition), for counting the
+        rounds it was in a sum across restarts; default: the node id."""
         super().__init__(strategy)
         self.cfg, self.dp = cfg, dp
+        self.place = place or (lambda node: node)
         self.traffic = traffic or SecAggTraffic()
         self.timeout = timeout if timeout is not None else cfg.secagg_timeout_s
         self._round: _Round | None = None
         self._grid: Grid | None = None
         self._last: _Round | None = None  # the last round that reached training
-        self._taken: dict[int, int] = {}  # node id -> rounds its update was in a sum
+        self._restored_block: dict[str, Any] = {}  # summary_block() from a checkpoint
+        self._taken: dict[int, int] = {}  # client (place) -> rounds its update was in a sum
         self._reset()
 
     def _reset(self) -> None:
@@ -256,7 +261,8 @@ class SecureAggregation(Layer):
         self.aggregated = len(state.masked)
         for node, i in state.index.items():
             if i in state.masked:
-                self._taken[node] = self._taken.get(node, 0) + 1
+                client = self.place(node)
+                self._taken[client] = self._taken.get(client, 0) + 1
         model = self._step(server_round, state, total)
         carrier = replies[0]  # one reply, holding the round's model, for the strategy below
         carrier.content = RecordDict({
@@ -476,6 +482,8 @@ class SecureAggregation(Layer):
 
     def summary_block(self) -> dict[str, Any]:
         """results.json's ``secure_aggregation``: the encoding of the last round."""
+        if self._last is None and self._restored_block:  # resumed, no round trained since
+            return dict(self._restored_block)
         block: dict[str, Any] = {"bits": self.cfg.secagg_bits,
                                  "max_dropout": self.cfg.secagg_max_dropout}
         if self._last is not None:
@@ -488,12 +496,14 @@ class SecureAggregation(Layer):
         return block
 
     def state(self) -> dict[str, Any]:
-        kept: dict[str, Any] = {"taken": {str(k): v for k, v in self._taken.items()}}
+        kept: dict[str, Any] = {"taken": {str(k): v for k, v in self._taken.items()},
+                                "summary": self.summary_block()}
         if self.dp is not None:
             kept["user_dp"] = self.dp.state()
         return kept
 
     def restore(self, state: dict[str, Any]) -> None:
         self._taken = {int(k): int(v) for k, v in state.get("taken", {}).items()}
+        self._restored_block = dict(state.get("summary", {}))
         if self.dp is not None and "user_dp" in state:
             self.dp.restore(state["user_dp"])
