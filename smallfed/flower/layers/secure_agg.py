@@ -25,7 +25,13 @@ the encoding's (rounding-inflated) sensitivity (:mod:`smallfed.privacy.distribut
 The accountant composes that mechanism with the same noise multiplier as central
 DP-FedAvg, so the two report the same epsilon. Against the analyst who sees the
 models, Poisson sampling amplifies it; against this server, which knows who took
-part, it does not: :meth:`privacy` reports both.
+part, it does not: :meth:`privacy` reports both. The neighbouring relation is zero-out
+(a client's update replaced by zeros, its noise share still in the sum).
+
+Hostile clients: every reply of every exchange is parsed defensively; one that cannot
+be read is rejected and its node treated as dropped, so no client can stop the server.
+The server cannot bound one masked update, but it bounds the decoded sum by what the
+survivors' clipped updates and the noise can reach (post-processing).
 """
 
 from __future__ import annotations
