@@ -297,8 +297,11 @@ def test_a_hostile_authenticated_node_is_bounded_and_named(tmp_path: Path) -> No
     assert scaled.group(1) == claimed.group(1) == oversized.group(1)
 
 
-# A slow device: its train handler says so in a file, then takes 60 s before training.
-SLOW = """
+def waits_on(message_type: str, seconds: int) -> str:
+    """A sitecustomize for a device that, when a ``message_type`` message reaches its
+    ClientApp, says so in the file $SMALLFED_TEST_MARKER and then waits ``seconds``
+    before answering (a slow device, or one that dies there once the test kills it)."""
+    return f"""
 import os, time
 from pathlib import Path
 from flwr.clientapp import ClientApp
@@ -306,15 +309,19 @@ from flwr.clientapp import ClientApp
 _honest = ClientApp.__call__
 
 
-def _slow(self, message, context):
-    if message.metadata.message_type == "train":
-        Path(os.environ["SMALLFED_TEST_MARKER"]).write_text("training")
-        time.sleep(60)
+def _waits(self, message, context):
+    if message.metadata.message_type == {message_type!r}:
+        Path(os.environ["SMALLFED_TEST_MARKER"]).write_text({message_type!r})
+        time.sleep({seconds})
     return _honest(self, message, context)
 
 
-ClientApp.__call__ = _slow
+ClientApp.__call__ = _waits
 """
+
+
+# A slow device: its train handler says so in a file, then takes 60 s before training.
+SLOW = waits_on("train", 60)
 
 
 def test_a_node_killed_while_training_and_a_superlink_restart(tmp_path: Path) -> None:
@@ -377,23 +384,7 @@ def test_a_node_killed_while_training_and_a_superlink_restart(tmp_path: Path) ->
 
 # A device that dies between its masked upload and the unmasking: when the unmask
 # message reaches it, it says so in a file and waits to be killed.
-DIES_BEFORE_UNMASK = """
-import os, time
-from pathlib import Path
-from flwr.clientapp import ClientApp
-
-_honest = ClientApp.__call__
-
-
-def _dies(self, message, context):
-    if message.metadata.message_type == "query.secagg_unmask":
-        Path(os.environ["SMALLFED_TEST_MARKER"]).write_text("unmasking")
-        time.sleep(600)
-    return _honest(self, message, context)
-
-
-ClientApp.__call__ = _dies
-"""
+DIES_BEFORE_UNMASK = waits_on("query.secagg_unmask", 600)
 
 
 def test_secure_aggregation_survives_a_node_killed_before_unmasking(tmp_path: Path) -> None:

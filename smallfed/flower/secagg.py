@@ -188,22 +188,19 @@ def unflatten(vector: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict
 
 # --------------------------------------------------------------------------- the client
 
-def _params(context: Context):  # -> (Params, round, cohort)
+def _held(context: Context, server_round: int):  # -> (state, Params, cohort)
+    """This node's protocol state for ``server_round``, with the round's parameters and
+    cohort size, as the key exchange stored them; ValueError if it holds none."""
     from smallfed.secagg.protocol import Params
 
     own = context.state.config_records.get(ROUND_KEY)
     if own is None or STATE_KEY not in context.state.config_records:
         raise ValueError("secure aggregation: this node holds no keys for this round (it "
                          "restarted, or missed the key exchange); it sits this round out")
-    return Params.from_config(own), int(own["round"]), int(own["cohort"])
-
-
-def _state(context: Context, server_round: int) -> dict:
-    params, held_round, _ = _params(context)
-    if held_round != server_round:
-        raise ValueError(f"secure aggregation: this node's keys are for round {held_round}, "
+    if int(own["round"]) != server_round:
+        raise ValueError(f"secure aggregation: this node's keys are for round {own['round']}, "
                          f"the message is for round {server_round}")
-    return dict(context.state[STATE_KEY])
+    return dict(context.state[STATE_KEY]), Params.from_config(own), int(own["cohort"])
 
 
 def _save(context: Context, state: Mapping) -> None:
@@ -249,8 +246,7 @@ def handle_shares(msg: Message, context: Context) -> Message:
     from smallfed.secagg.protocol import client_shares
 
     conf, data = msg.content.config_records[CONFIG_RECORD], data_record(msg.content)
-    state = _state(context, int(conf["round"]))
-    params, _, cohort = _params(context)
+    state, params, cohort = _held(context, int(conf["round"]))
     neighbours = read_ints(data, "neighbours", cohort)
     keys = read_bytes(data, "keys")
     if len(keys) != 2 * KEY_BYTES * len(neighbours):
@@ -269,8 +265,7 @@ def handle_unmask(msg: Message, context: Context) -> Message:
     from smallfed.secagg.protocol import client_unmask
 
     conf, data = msg.content.config_records[CONFIG_RECORD], data_record(msg.content)
-    state = _state(context, int(conf["round"]))
-    _, _, cohort = _params(context)
+    state, _, cohort = _held(context, int(conf["round"]))
     owners, shares = client_unmask(state, read_ints(data, "survivors", cohort),
                                    read_ints(data, "dropped", cohort))
     del context.state[STATE_KEY]
@@ -302,8 +297,7 @@ def make_secagg_mod(
 
         conf, data = msg.content.config_records[CONFIG_RECORD], data_record(msg.content)
         server_round = int(conf["round"])
-        state = _state(context, server_round)
-        params, _, cohort = _params(context)
+        state, params, cohort = _held(context, server_round)
         senders = read_ints(data, "senders", cohort)
         ciphertexts = split_equal(read_bytes(data, "ciphertexts"), len(senders))
         template = template_of(cfg, msg)
