@@ -305,6 +305,19 @@ class Config:
         choices=("inprocess", "ray"),
     )
     client_cpus: float = _key(1.0, "ray: CPUs reserved per virtual client.", gt=0)
+    client_gpus: float = _key(
+        0.0, "ray: GPUs reserved per virtual client (0.25: four clients share a GPU).", ge=0)
+    ray_address: str = _key(
+        "", "ray: the address of a running Ray cluster (host:port of `ray start --head`); "
+        "empty starts a local Ray instance.")
+    cohort_size: int = _key(
+        0, "inprocess: clients of a round trained together as one batched computation, "
+        "at most this many at once (0: one after another). Features the batch cannot "
+        "hold (adam, QAT, weight sharing, secure RNG, subspace, BatchNorm) train one "
+        "after another, and the run says so once.", ge=0)
+    device: str = _key(
+        "cpu", "Where the cohort engine trains: cpu, cuda, or auto (cuda when present).",
+        choices=("cpu", "cuda", "auto"))
     resume: bool = _key(
         False, "Go on from the checkpoint in out-dir (same configuration): for a ServerApp "
         "restarted with `flwr run` (`smallfed simulate --resume DIR` does it for simulations).")
