@@ -1,0 +1,129 @@
+"""One forward pass for G copies of a model, each with its own parameters.
+
+The clients of a round train the same architecture on their own weights. Rather than
+G small forward passes (where per-call overhead and small convolutions dominate on a
+CPU), the cohort runs one: activations are laid out ``(batch, G, ...)``, a convolution
+becomes a grouped convolution with G groups, GroupNorm keeps its per-sample, per-group
+statistics with G times the groups, a linear layer becomes a batched matrix product,
+and parameter-free per-sample layers (activations, pooling, flatten, the fixed
+scattering) see ``batch * G`` samples. No operation mixes two copies, so the gradient
+of the summed losses with respect to the stacked parameters is every copy's own
+gradient.
+
+This measured faster than ``torch.func.vmap`` over ``functional_call`` on these
+machines (cnn-tiny, 10 clients, batch 8, one thread: 3.8 s against 5.9 s for 750
+client-steps; one client after another took 8.3 s): vmap has no batching rule for
+GroupNorm's backward and decomposes it into elementwise kernels.
+
+Only ``nn.Sequential`` models of the layers below can be stacked; :func:`refusal`
+says why another cannot, and the cohort trains it one client after another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from smallfed.models.scatter import Scattering2D
+
+# Layers without parameters that treat every sample on its own: they run on the
+# (batch * G) samples as they are. Dropout is not here: its randomness would differ
+# from the sequential path's.
+PER_SAMPLE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU,
+              nn.Hardtanh, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+              nn.Flatten, Scattering2D)
+
+Params = dict[str, torch.Tensor]  # parameter name -> (G, *shape)
+Layer = Callable[[Params, torch.Tensor], torch.Tensor]
+
+
+def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    if isinstance(model, nn.Sequential):
+        return [leaf for name, child in model.named_children()
+                for leaf in _leaves(child, f"{prefix}{name}.")]
+    return [(prefix, model)]
+
+
+def refusal(model: nn.Module) -> str:
+    """Why ``model`` cannot be stacked, or ''."""
+    if not isinstance(model, nn.Sequential):
+        return f"{type(model).__name__} is not an nn.Sequential"
+    for name, layer in _leaves(model):
+        if isinstance(layer, (nn.Conv2d, nn.GroupNorm)):
+            continue
+        if isinstance(layer, nn.Linear):
+            continue
+        if isinstance(layer, PER_SAMPLE) and not any(True for _ in layer.parameters()):
+            continue
+        return f"layer {name.rstrip('.')} ({type(layer).__name__}) has no stacked form"
+    return ""
+
+
+def _conv(prefix: str, conv: nn.Conv2d) -> Layer:
+    def run(params: Params, h: torch.Tensor) -> torch.Tensor:
+        b, g = h.shape[:2]
+        weight = params[prefix + "weight"]
+        bias = params.get(prefix + "bias")
+        out = F.conv2d(h.reshape(b, -1, *h.shape[3:]), weight.reshape(-1, *weight.shape[2:]),
+                       None if bias is None else bias.reshape(-1), conv.stride, conv.padding,
+                       conv.dilation, conv.groups * g)
+        return out.reshape(b, g, -1, *out.shape[2:])
+    return run
+
+
+def _group_norm(prefix: str, norm: nn.GroupNorm) -> Layer:
+    def run(params: Params, h: torch.Tensor) -> torch.Tensor:
+        b, g = h.shape[:2]
+        weight, bias = params.get(prefix + "weight"), params.get(prefix + "bias")
+        out = F.group_norm(h.reshape(b, -1, *h.shape[3:]), norm.num_groups * g,
+                           None if weight is None else weight.reshape(-1),
+                           None if bias is None else bias.reshape(-1), norm.eps)
+        return out.reshape(h.shape)
+    return run
+
+
+def _linear(prefix: str) -> Layer:
+    def run(params: Params, h: torch.Tensor) -> torch.Tensor:
+        weight, bias = params[prefix + "weight"], params.get(prefix + "bias")
+        rows = h.transpose(0, 1)  # (G, batch, in)
+        out = (torch.bmm(rows, weight.transpose(1, 2)) if bias is None else
+               torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2)))
+        return out.transpose(0, 1)
+    return run
+
+
+def _per_sample(layer: nn.Module) -> Layer:
+    def run(_params: Params, h: torch.Tensor) -> torch.Tensor:
+        b, g = h.shape[:2]
+        out = layer(h.reshape(b * g, *h.shape[2:]))
+        return out.reshape(b, g, *out.shape[1:])
+    return run
+
+
+class StackedModel:
+    """``model``'s architecture run over G stacked parameter copies at once."""
+
+    def __init__(self, model: nn.Module) -> None:
+        reason = refusal(model)
+        if reason:
+            raise ValueError(f"cannot stack {type(model).__name__}: {reason}")
+        self.layers: list[Layer] = []
+        for prefix, layer in _leaves(model):
+            if isinstance(layer, nn.Conv2d):
+                self.layers.append(_conv(prefix, layer))
+            elif isinstance(layer, nn.GroupNorm):
+                self.layers.append(_group_norm(prefix, layer))
+            elif isinstance(layer, nn.Linear):
+                self.layers.append(_linear(prefix))
+            else:
+                self.layers.append(_per_sample(layer))
+
+    def __call__(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(batch, G, classes)`` of inputs ``x`` ``(batch, G, *input_shape)``,
+        copy ``i`` of the parameters on column ``i``."""
+        for layer in self.layers:
+            x = layer(params, x)
+        return x

@@ -1,0 +1,244 @@
+"""A round's clients trained as one batched computation, step for step as they would
+train one after another.
+
+Every client keeps what makes its training its own: its data, its row order (drawn
+from its own generator exactly as :func:`smallfed.training.train` draws it), its number
+of steps, its pruning masks and FedProx anchor, its momentum buffer, and under DP-SGD
+its Poisson batches and Gaussian noise (drawn from a generator seeded as Opacus's
+global one is in :func:`smallfed.privacy.local_dp.train_private`, in the same order).
+What they share is the arithmetic: one stacked forward and backward pass
+(:mod:`smallfed.cohort.stacked`) per step for all clients still training. Clients
+are sorted by their number of steps, so those still training are always a prefix of
+the stack and each step works on views, not copies.
+
+The SGD update is written out here rather than taken from ``torch.optim.SGD``: a
+client that has finished must not move while the others go on, and torch's
+optimizers have one step for every element. The arithmetic is torch's (``d = g +
+wd * p``; ``buf = momentum * buf + d``; ``p -= lr * buf``). Results agree with the
+sequential path to float tolerance, not bit for bit: grouped convolutions sum in
+another order (tests/test_cohort.py states the tolerance).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from smallfed.cohort.stacked import Params, StackedModel
+from smallfed.config import Config
+from smallfed.training import TrainResult
+
+
+@dataclass
+class Job:
+    """One client's training in a cohort; its ``model`` is trained in place."""
+
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    cfg: Config
+    generator: torch.Generator  # the client's data-order (or DP) randomness
+    proximal_mu: float = 0.0
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    dp: "DpPlan | None" = None
+
+
+@dataclass(frozen=True)
+class DpPlan:
+    """DP-SGD's mechanism for one client, as :func:`train_private` assembles it."""
+
+    noise_multiplier: float
+    sample_rate: float
+    expected_batch_size: int
+
+
+def group_key(job: Job) -> tuple:
+    """Jobs with equal keys share one stacked computation."""
+    cfg = job.cfg
+    return (repr(job.model), tuple(job.x.shape[1:]), job.dp is not None, cfg.batch_size,
+            cfg.local_epochs, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.dp_clip)
+
+
+def train_cohort(jobs: list[Job], device: torch.device) -> list[TrainResult]:
+    """Train every job, each group of alike jobs as one stacked computation."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, job in enumerate(jobs):
+        groups[group_key(job)].append(i)
+    results: list[TrainResult | None] = [None] * len(jobs)
+    for members in groups.values():
+        for i, result in zip(members, _Group([jobs[i] for i in members], device).train()):
+            results[i] = result
+    return results  # type: ignore[return-value]
+
+
+class _Group:
+    """Alike jobs, stacked: parameters ``(G, ...)`` in descending order of steps."""
+
+    def __init__(self, jobs: list[Job], device: torch.device) -> None:
+        self.cfg = jobs[0].cfg
+        self.device = device
+        self.plans = [self._steps(job) for job in jobs]
+        self.order = sorted(range(len(jobs)), key=lambda i: -self.plans[i])
+        self.jobs = [jobs[i] for i in self.order]
+        self.stacked = StackedModel(jobs[0].model.to("cpu"))
+        names = [n for n, _ in jobs[0].model.named_parameters()]
+        self.params: Params = {
+            n: torch.stack([dict(j.model.named_parameters())[n].detach() for j in self.jobs])
+            .to(device) for n in names}
+        self.momentum = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.keep = self._keep()
+        mus = [job.proximal_mu for job in self.jobs]
+        self.mu = torch.tensor(mus, device=device) if any(mus) else None
+        self.anchor = {n: p.clone() for n, p in self.params.items()} if self.mu is not None \
+            else {}
+        self.offsets = np.cumsum([0] + [len(job.y) for job in self.jobs])
+        self.x = torch.cat([job.x for job in self.jobs]).to(device)
+        self.y = torch.cat([job.y for job in self.jobs]).to(device)
+
+    def _steps(self, job: Job) -> int:
+        if job.dp is not None:  # Opacus's Poisson sampler: int(1 / q) batches an epoch
+            return int(1 / job.dp.sample_rate) * self.cfg.local_epochs
+        return math.ceil(len(job.y) / self.cfg.batch_size) * self.cfg.local_epochs
+
+    def _keep(self) -> Params:
+        """Per name, 1 where each client's mask keeps the weight (1 without a mask)."""
+        names = {n for job in self.jobs for n in job.masks}
+        keep = {}
+        for name in names:
+            shape = self.params[name].shape[1:]
+            keep[name] = torch.stack([
+                torch.from_numpy(job.masks[name]).to(torch.float32) if name in job.masks
+                else torch.ones(shape) for job in self.jobs]).to(self.device)
+        return keep
+
+    def train(self) -> list[TrainResult]:
+        steps = [self.plans[i] for i in self.order]
+        losses = torch.zeros(len(self.jobs), dtype=torch.float64, device=self.device)
+        rows = None if self.jobs[0].dp is not None else self._row_plan(steps)
+        for t in range(steps[0] if steps else 0):
+            k = sum(1 for s in steps if s > t)
+            self._enforce_masks(k)
+            if rows is None:
+                loss, grads = self._private_step(t, k)
+            else:
+                loss, grads = self._step(rows[:k, t], k)
+            self._sgd(grads, k)
+            losses[:k] += loss.to(torch.float64)
+        self._enforce_masks(len(self.jobs))
+        results = [TrainResult(float(losses[i]) / max(s, 1), len(job.y), s)
+                   for i, (job, s) in enumerate(zip(self.jobs, steps))]
+        for i, job in enumerate(self.jobs):
+            with torch.no_grad():
+                for name, param in job.model.named_parameters():
+                    param.copy_(self.params[name][i].to("cpu"))
+        back = [None] * len(self.jobs)
+        for place, i in enumerate(self.order):
+            back[i] = results[place]
+        return back  # type: ignore[return-value]
+
+    def _row_plan(self, steps: list[int]) -> torch.Tensor:
+        """Rows into the stacked data for every client and step, (G, T, batch), -1 for
+        padding: each epoch a permutation from the client's generator, as train() draws."""
+        size = self.cfg.batch_size
+        plan = torch.full((len(self.jobs), max(steps, default=0), size), -1, dtype=torch.long)
+        for c, job in enumerate(self.jobs):
+            n, per_epoch = len(job.y), math.ceil(len(job.y) / size)
+            for epoch in range(self.cfg.local_epochs):
+                order = torch.randperm(n, generator=job.generator) + int(self.offsets[c])
+                padded = torch.full((per_epoch * size,), -1, dtype=torch.long)
+                padded[:n] = order
+                plan[c, epoch * per_epoch:(epoch + 1) * per_epoch] = padded.view(per_epoch, size)
+        return plan.to(self.device)
+
+    def _enforce_masks(self, k: int) -> None:
+        """Zero pruned weights before the forward pass (what masked_training's hooks do)."""
+        with torch.no_grad():
+            for name, keep in self.keep.items():
+                self.params[name][:k].mul_(keep[:k])
+
+    def _leaves(self, k: int) -> Params:
+        return {n: p[:k].detach().requires_grad_() for n, p in self.params.items()}
+
+    def _step(self, rows: torch.Tensor, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Mean cross-entropy of each client's batch (plus FedProx's term); its gradient."""
+        valid = (rows >= 0).t()  # (batch, k)
+        index = rows.clamp(min=0).t()
+        leaves = self._leaves(k)
+        logits = self.stacked(leaves, self.x[index])
+        per_row = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.y[index].reshape(-1),
+                                  reduction="none").view(valid.shape)
+        loss = (per_row * valid).sum(0) / valid.sum(0)
+        if self.mu is not None:
+            drift = sum(((leaves[n] - a[:k]) ** 2).flatten(1).sum(1)
+                        for n, a in self.anchor.items())
+            loss = loss + 0.5 * self.mu[:k] * drift
+        grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+        return loss.detach(), list(grads)
+
+    def _private_step(self, t: int, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Opacus's DP-SGD step for each client: its Poisson batch, per-sample gradients
+        clipped to dp-clip and summed, its Gaussian noise, divided by its expected batch."""
+        samples = []
+        for c, job in enumerate(self.jobs[:k]):
+            per_epoch = self.plans[self.order[c]] // self.cfg.local_epochs
+            if t % per_epoch == 0:  # a new epoch: DataLoader draws its base seed
+                torch.empty((), dtype=torch.int64).random_(generator=job.generator)
+            drawn = torch.rand(len(job.y), generator=job.generator) < job.dp.sample_rate
+            samples.append(drawn.nonzero().reshape(-1) + int(self.offsets[c]))
+        width = max((len(s) for s in samples), default=0)
+        names = list(self.params)
+        loss = torch.zeros(k, device=self.device)
+        summed = [torch.zeros_like(self.params[n][:k]) for n in names]
+        if width:
+            rows = torch.full((k, width), -1, dtype=torch.long)
+            for c, s in enumerate(samples):
+                rows[c, :len(s)] = s
+            rows = rows.to(self.device)
+            valid = (rows >= 0).reshape(-1)
+            expanded = {n: p[:k].detach().repeat_interleave(width, 0).requires_grad_()
+                        for n, p in self.params.items()}
+            index = rows.clamp(min=0).reshape(1, -1)  # each sample its own copy
+            logits = self.stacked(expanded, self.x[index])
+            per_sample = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                         self.y[index].reshape(-1), reduction="none")
+            grads = torch.autograd.grad((per_sample * valid).sum(), list(expanded.values()))
+            grads = [g * self.keep[n].repeat_interleave(width, 0) if n in self.keep else g
+                     for n, g in zip(names, grads)]
+            norms = torch.stack([g.flatten(1).norm(2, dim=1) for g in grads], 1).norm(2, dim=1)
+            factor = (self.cfg.dp_clip / (norms + 1e-6)).clamp(max=1.0) * valid
+            summed = [torch.einsum("ki,ki...->k...", factor.view(k, width),
+                                   g.view(k, width, *g.shape[1:])) for g in grads]
+            counts = valid.view(k, width).sum(1)
+            loss = torch.where(counts > 0, (per_sample * valid).view(k, width).sum(1)
+                               / counts.clamp(min=1), loss)
+        noisy = []
+        for n, total in zip(names, summed):
+            noise = torch.stack([self._noise(job, total.shape[1:]) for job in self.jobs[:k]])
+            scale = torch.tensor([job.dp.expected_batch_size for job in self.jobs[:k]],
+                                 dtype=total.dtype).view(-1, *[1] * (total.dim() - 1))
+            noisy.append((total + noise.to(self.device)) / scale.to(self.device))
+        return loss.detach(), noisy
+
+    def _noise(self, job: Job, shape: torch.Size) -> torch.Tensor:
+        std = job.dp.noise_multiplier * self.cfg.dp_clip
+        if std == 0:
+            return torch.zeros(shape)
+        return torch.normal(mean=0, std=std, size=tuple(shape), generator=job.generator)
+
+    def _sgd(self, grads: list[torch.Tensor], k: int) -> None:
+        cfg = self.cfg
+        with torch.no_grad():
+            for (name, param), grad in zip(self.params.items(), grads):
+                p = param[:k]
+                step = grad.add(p, alpha=cfg.weight_decay) if cfg.weight_decay else grad
+                if cfg.momentum:
+                    buf = self.momentum[name][:k]
+                    buf.mul_(cfg.momentum).add_(step)
+                    step = buf
+                p.add_(step, alpha=-cfg.lr)
