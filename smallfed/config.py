@@ -338,6 +338,11 @@ class Config:
             import_plugins(self.plugins)
         for f in dataclasses.fields(self):
             _check_value(f, getattr(self, f.name))
+        if self.cohort_size and self.backend != "inprocess":
+            raise ConfigError(
+                f"cohort-size: {self.cohort_size} batches clients on the inprocess backend, "
+                f"this run uses {self.backend}, where each client runs in its own actor; "
+                "set cohort-size = 0 or backend = 'inprocess'")
         if self.clients_per_round > self.num_clients:
             raise ConfigError(
                 f"clients-per-round: {self.clients_per_round} is more than num-clients "

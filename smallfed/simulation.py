@@ -15,10 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
 from flwr.app import Message, MessageType
 from flwr.serverapp.strategy import Strategy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from smallfed.cohort.rendezvous import Cohort, resolve_device
 from smallfed.config import Config
 from smallfed.data import check_data_config
 from smallfed.flower.checkpoint import check_resumable, out_dir_lock
@@ -79,6 +81,7 @@ def simulate(  # pylint: disable=too-many-arguments
     the configured strategy under the server's layers.
     """
     check_privacy_config(cfg, check_data_config(cfg))
+    resolve_device(cfg.device)  # a missing GPU fails here, before any work
     out = Path(out_dir)
     if resume:
         require_checkpoint(out)  # none there: say so before writing anything, even a lock
@@ -107,9 +110,11 @@ def _simulate(
     client_app = build_client_app(cfg)
     with quiet_flower(progress), bar.progress:
         if cfg.backend == "inprocess":
+            cohort = (Cohort(resolve_device(cfg.device), torch.get_num_threads())
+                      if cfg.cohort_size > 1 else None)
             grid = InProcessGrid(
                 client_app, cfg.num_clients, run_config=cfg.to_dict(),
-                on_reply=bar.on_reply,
+                on_reply=bar.on_reply, cohort=cohort, cohort_size=cfg.cohort_size,
             )
             if checkpoint is not None:
                 grid.restore_node_states(checkpoint.clients)

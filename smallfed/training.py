@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from smallfed.cohort import rendezvous
 from smallfed.config import Config
 
 
@@ -27,13 +28,16 @@ CLIENT_THREADS = 1
 
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """Run a block with ``n`` torch intra-op threads, then restore the previous count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
+    """Run a block with ``n`` torch intra-op threads, then restore the previous count.
+
+    Inside a cohort (:mod:`smallfed.cohort.rendezvous`) the cohort sets the count: its
+    ClientApp calls run on concurrent threads, whose saves and restores would interleave.
+    """
+    if rendezvous.current() is not None:
         yield
-    finally:
-        torch.set_num_threads(previous)
+        return
+    with rendezvous.threads(n):
+        yield
 
 
 @dataclass(frozen=True)
@@ -66,11 +70,25 @@ def train(
     cfg: Config,
     generator: torch.Generator,
     proximal_mu: float = 0.0,
+    masks: dict[str, np.ndarray] | None = None,
 ) -> TrainResult:
     """``local-epochs`` passes over (x, y) in shuffled mini-batches; a fresh optimizer.
 
     With ``proximal_mu > 0`` the loss gains FedProx's ``mu/2 * ||w - w_global||^2``.
+    ``masks`` are the pruning masks the caller enforces (``masked_training``): in a
+    cohort, the batched computation enforces them itself.
     """
+    cohort = rendezvous.current()
+    if cohort is None:
+        return _train(model, x, y, cfg, generator, proximal_mu)
+    from smallfed.cohort.trainer import Job  # pylint: disable=import-outside-toplevel
+
+    return cohort.train(Job(model, x, y, cfg, generator, proximal_mu, dict(masks or {})),
+                        lambda: _train(model, x, y, cfg, generator, proximal_mu))
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config,
+           generator: torch.Generator, proximal_mu: float) -> TrainResult:
     model.train()
     optimizer = make_optimizer(model, cfg)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None

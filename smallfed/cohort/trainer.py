@@ -30,6 +30,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from torch.nn.utils import parametrize
+
+from smallfed.cohort import stacked
 from smallfed.cohort.stacked import Params, StackedModel
 from smallfed.config import Config
 from smallfed.training import TrainResult
@@ -56,6 +59,24 @@ class DpPlan:
     noise_multiplier: float
     sample_rate: float
     expected_batch_size: int
+
+
+def refusal(job: Job) -> str:
+    """Why ``job`` cannot train in the batch, or ''."""
+    cfg = job.cfg
+    if cfg.optimizer != "sgd":
+        return f"optimizer {cfg.optimizer} keeps a step count per client, the batch one for all"
+    if any(parametrize.is_parametrized(m) for m in job.model.modules()):
+        return "QAT's fake quantization is not batched"
+    if any(p._backward_hooks for p in job.model.parameters()):  # pylint: disable=protected-access
+        return "weight sharing's gradient hooks are not batched"
+    if reason := stacked.refusal(job.model):
+        return f"model {cfg.model}: {reason}"
+    if job.dp is not None and cfg.dp_secure_rng:
+        return "dp-secure-rng draws from the OS, the batch from each client's seeded generator"
+    if job.dp is not None and cfg.dp_physical_batch:
+        return "dp-physical-batch splits batches the cohort does not split"
+    return ""
 
 
 def group_key(job: Job) -> tuple:
@@ -108,7 +129,7 @@ class _Group:
 
     def _keep(self) -> Params:
         """Per name, 1 where each client's mask keeps the weight (1 without a mask)."""
-        names = {n for job in self.jobs for n in job.masks}
+        names = {n for job in self.jobs for n in job.masks if n in self.params}
         keep = {}
         for name in names:
             shape = self.params[name].shape[1:]

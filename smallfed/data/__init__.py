@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def load_dataset(cfg: Config) -> Dataset:
 _DATA_KEYS = ("dataset", "data-dir", "test-fraction", "seed", "num-clients", "partitioner",
               "alpha", "min-partition-size", "classes-per-client", "shards-per-client")
 _CACHE: dict[tuple, FederatedData] = {}
+_CACHE_LOCK = threading.Lock()  # the cohort engine's ClientApp calls run on threads
 
 
 def federated_data(cfg: Config) -> FederatedData:
@@ -87,12 +89,13 @@ def federated_data(cfg: Config) -> FederatedData:
     """
     values = cfg.to_dict()
     key = tuple(values[k] for k in _DATA_KEYS)
-    if key not in _CACHE:
-        if len(_CACHE) >= 4:
-            _CACHE.pop(next(iter(_CACHE)))
-        dataset = load_dataset(cfg)
-        _CACHE[key] = FederatedData(dataset, partition_indices(dataset.train_y, cfg))
-    return _CACHE[key]
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            if len(_CACHE) >= 4:
+                _CACHE.pop(next(iter(_CACHE)))
+            dataset = load_dataset(cfg)
+            _CACHE[key] = FederatedData(dataset, partition_indices(dataset.train_y, cfg))
+        return _CACHE[key]
 
 
 def check_data_config(cfg: Config) -> FederatedData:

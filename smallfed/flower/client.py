@@ -124,7 +124,7 @@ def build_client_app(cfg: Config | None = None) -> ClientApp:
         with (torch_threads(CLIENT_THREADS), masked_training(model, masks),
               fake_quantized(model, is_qat_round(config, server_round)),
               shared_training(model, shared)):
-            result = train(model, x, y, config, gen, proximal_mu=mu)
+            result = train(model, x, y, config, gen, proximal_mu=mu, masks=masks)
         metrics = MetricRecord({"train-loss": result.loss, NUM_EXAMPLES_KEY: result.num_examples})
         content = RecordDict({ARRAYS_KEY: model_to_record(model), METRICS_KEY: metrics})
         return Message(content=content, reply_to=msg)

@@ -6,7 +6,9 @@ This Grid drives the very same ``ServerApp`` and ``ClientApp`` objects, with rea
 ``Message`` and ``Context`` objects and one persistent ``Context`` per virtual node,
 but calls the ClientApp directly: no actors, no queues, no polling. It is a single
 process running clients in turn, not a scheduler: use the Ray backend for large
-populations, several cores or a cluster. Exceptions in a ClientApp become error
+populations, several cores or a cluster. With a :class:`~smallfed.cohort.rendezvous.Cohort`
+it delivers a round's train messages on one thread each, so that their training runs
+as one batched computation (``cohort-size``). Exceptions in a ClientApp become error
 replies, as in Flower's own engine, so a failing client never stops the round.
 """
 
@@ -17,12 +19,14 @@ import traceback
 from collections.abc import Callable, Iterable
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from smallfed.cohort.rendezvous import Cohort
 
 ReplyHook = Callable[[Message], None]
 
@@ -37,9 +41,12 @@ class InProcessGrid(Grid):
         run_config: dict | None = None,
         on_reply: ReplyHook | None = None,
         node_configs: list[dict] | None = None,
+        cohort: Cohort | None = None,
+        cohort_size: int = 0,
     ) -> None:
         """``node_configs`` replaces the nodes' default config (their partition ids),
-        one per node, for example by a ``data-dir`` each, as on devices."""
+        one per node, for example by a ``data-dir`` each, as on devices. With a
+        ``cohort``, train messages are delivered ``cohort_size`` at a time through it."""
         if node_configs is not None and len(node_configs) != num_nodes:
             raise ValueError(f"{len(node_configs)} node configs for {num_nodes} nodes")
         self._client_app = client_app
@@ -60,6 +67,7 @@ class InProcessGrid(Grid):
                 state=RecordDict(),
                 run_config=dict(run_config or {}),
             )
+        self._cohort, self._cohort_size = cohort, cohort_size
         self._replies: dict[str, Message] = {}
         self._gone: set[int] = set()  # nodes disconnected by a test of faults
         # Messages take their run and source from the process's task identity, which
@@ -111,12 +119,20 @@ class InProcessGrid(Grid):
         self._gone.discard(node_id)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            reply = self._deliver(msg)
+        messages = list(messages)
+        together = self._cohort is not None and len(messages) > 1 and all(
+            m.metadata.message_type == MessageType.TRAIN for m in messages)
+        if together:
+            assert self._cohort is not None
+            size = self._cohort_size
+            replies = [reply for start in range(0, len(messages), size)
+                       for reply in self._cohort.run(
+                           [lambda m=m: self._deliver(m) for m in messages[start:start + size]])]
+        else:
+            replies = [self._deliver(msg) for msg in messages]
+        for msg, reply in zip(messages, replies):
             self._replies[msg.metadata.message_id] = reply
-            ids.append(msg.metadata.message_id)
-        return ids
+        return [msg.metadata.message_id for msg in messages]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]

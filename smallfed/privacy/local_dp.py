@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from smallfed.cohort import rendezvous
 from smallfed.config import Config, ConfigError
 from smallfed.privacy.subspace import combine
 from smallfed.training import TrainResult, make_optimizer
@@ -195,12 +196,6 @@ def train_private(
     before clipping as well, and the noised gradient outside it is zeroed before each
     step, so the model moves only inside the subspace.
     """
-    from opacus.data_loader import DPDataLoader
-    from opacus.grad_sample.utils import prepare_module
-    from opacus.optimizers import DPOptimizer
-
-    from smallfed.privacy.secure import use_secure_noise
-
     records = len(y) if records is None else records
     step = planned_step(cfg, records)
     noise, rate, _ = step
@@ -217,6 +212,38 @@ def train_private(
     pruned = [(params[k], torch.from_numpy(m)) for k, m in kept.items() if k in params]
     outside = [(params[k], torch.from_numpy(m)) for k, m in (subspace or {}).items()
                if k in params]
+    def sequential() -> TrainResult:
+        return _dp_sgd(model, x, y, cfg, seed, step, records, pruned, outside)
+
+    cohort = rendezvous.current()
+    if cohort is None:
+        result = sequential()
+    elif outside:
+        with cohort.sequential("a shared subspace is not batched"):
+            result = sequential()
+    else:
+        from smallfed.cohort.trainer import DpPlan, Job
+
+        # Seeded as Opacus's global generator is in _dp_sgd: the same batches and noise.
+        job = Job(model, x, y, cfg, torch.Generator().manual_seed(seed), masks=dict(kept),
+                  dp=DpPlan(noise, rate, int(records * rate)))
+        result = cohort.train(job, sequential)
+    return PrivateRound(result, new_history, after, noise)
+
+
+def _dp_sgd(  # pylint: disable=too-many-arguments
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, seed: int,
+    step: tuple[float, float, int], records: int, pruned: list[tuple[nn.Parameter, torch.Tensor]],
+    outside: list[tuple[nn.Parameter, torch.Tensor]],
+) -> TrainResult:
+    """Opacus's DP-SGD for one round of :func:`train_private`'s mechanism ``step``."""
+    from opacus.data_loader import DPDataLoader
+    from opacus.grad_sample.utils import prepare_module
+    from opacus.optimizers import DPOptimizer
+
+    from smallfed.privacy.secure import use_secure_noise
+
+    noise, rate, _ = step
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # Poisson sampling and noise draw from torch's generator
         module = prepare_module(model, grad_sample_mode="hooks")
@@ -246,8 +273,7 @@ def train_private(
                         steps += 1
         finally:
             module.remove_hooks()
-    return PrivateRound(TrainResult(total / max(steps, 1), records, steps), new_history, after,
-                        noise)
+    return TrainResult(total / max(steps, 1), records, steps)
 
 
 @contextmanager

@@ -1,0 +1,181 @@
+"""The cohort engine: a round's clients trained as one batch agree with one after another.
+
+Tolerance: a client's parameters after a round agree with the sequential path within
+2e-5 (absolute) and its reported loss within 1e-5 (relative). Grouped convolutions sum
+in another order than one small convolution per client, so results are equal up to
+float rounding, not bit for bit; over whole runs rounding differences grow with the
+rounds, so the end-to-end tests compare the first rounds closely and later ones loosely.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from smallfed.cohort.stacked import StackedModel, refusal
+from smallfed.cohort.trainer import DpPlan, Job, train_cohort
+from smallfed.config import Config, ConfigError
+from smallfed.models import build_model
+from smallfed.privacy.local_dp import planned_step, train_private
+from smallfed.simulation import simulate
+from smallfed.training import client_generator, train
+
+CPU = torch.device("cpu")
+SIZES = [17, 40, 3, 25, 0]  # steps differ; one client has no data
+
+
+def client_data(shape: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(n, *shape, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+            for n in SIZES]
+
+
+def max_difference(a: nn.Module, b: nn.Module) -> float:
+    return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("name,shape", [("cnn-tiny", (1, 28, 28)), ("cnn-seed", (1, 12, 12)),
+                                        ("mlp", (64,)), ("scatter-cnn", (1, 8, 8)),
+                                        ("cnn-tiny-tanh", (1, 8, 8))])
+def test_the_stacked_forward_is_each_copys_own(name: str, shape: tuple[int, ...]) -> None:
+    models = [build_model(name, shape, 10, seed) for seed in range(3)]
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models])
+              for n, _ in models[0].named_parameters()}
+    x = torch.randn(5, 3, *shape, generator=torch.Generator().manual_seed(1))
+    stacked = StackedModel(models[0])(params, x)
+    for i, model in enumerate(models):
+        torch.testing.assert_close(stacked[:, i], model(x[:, i]), atol=1e-5, rtol=1e-5)
+
+
+def test_models_that_cannot_be_stacked_say_why() -> None:
+    assert "not an nn.Sequential" in refusal(build_model("cnn-shared", (1, 8, 8), 10, 0))
+    with_bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    assert "BatchNorm2d" in refusal(with_bn)
+    assert refusal(build_model("cnn-tiny", (1, 8, 8), 10, 0)) == ""
+
+
+def test_a_cohort_trains_each_client_as_it_would_train_alone() -> None:
+    """Different sizes and steps, momentum, weight decay, FedProx and pruning masks."""
+    cfg = Config(batch_size=8, local_epochs=2, lr=0.05, momentum=0.9, weight_decay=1e-3)
+    base = build_model("cnn-tiny", (1, 12, 12), 10, 0)
+    mus = [0.0, 0.1, 0.0, 0.5, 0.0]
+    rng = np.random.default_rng(3)
+    masks = [{"0.weight": rng.random((16, 1, 3, 3)) > 0.5} if i % 2 else {}
+             for i in range(len(SIZES))]
+    alone, together = ([copy.deepcopy(base) for _ in SIZES] for _ in range(2))
+    expected = []
+    for i, ((x, y), model) in enumerate(zip(client_data((1, 12, 12)), alone)):
+        from smallfed.compact.pruning import masked_training
+
+        with masked_training(model, masks[i]):
+            expected.append(train(model, x, y, cfg, client_generator(1, 2, i), mus[i]))
+    jobs = [Job(model, x, y, cfg, client_generator(1, 2, i), mus[i], masks[i])
+            for i, ((x, y), model) in enumerate(zip(client_data((1, 12, 12)), together))]
+    got = train_cohort(jobs, CPU)
+    for want, have, a, b in zip(expected, got, alone, together):
+        assert (have.steps, have.num_examples) == (want.steps, want.num_examples)
+        assert have.loss == pytest.approx(want.loss, rel=1e-5, abs=1e-7)
+        assert max_difference(a, b) < 2e-5
+    assert got[-1].steps == 0 and max_difference(together[-1], base) == 0  # no data, no move
+    assert max_difference(together[1], base) > 1e-3  # and the others did train
+
+
+def test_dp_sgd_in_a_cohort_draws_opacus_batches_and_noise() -> None:
+    """Same seeds, same Poisson batches and Gaussian noise as Opacus: the same models."""
+    cfg = Config(privacy="sample", batch_size=8, local_epochs=2, lr=0.05, momentum=0.9,
+                 dp_noise=1.1, dp_clip=0.7)
+    base = build_model("cnn-tiny", (1, 12, 12), 10, 0)
+    sizes_with_data = client_data((1, 12, 12))[:4]
+    alone, together = ([copy.deepcopy(base) for _ in sizes_with_data] for _ in range(2))
+    expected = [train_private(m, x, y, cfg, 100 + i, []).result
+                for i, (m, (x, y)) in enumerate(zip(alone, sizes_with_data))]
+    jobs = []
+    for i, (model, (x, y)) in enumerate(zip(together, sizes_with_data)):
+        noise, rate, _ = planned_step(cfg, len(y))
+        jobs.append(Job(model, x, y, cfg, torch.Generator().manual_seed(100 + i),
+                        dp=DpPlan(noise, rate, int(len(y) * rate))))
+    got = train_cohort(jobs, CPU)
+    for want, have, a, b in zip(expected, got, alone, together):
+        assert want is not None and have.steps == want.steps
+        assert have.loss == pytest.approx(want.loss, rel=1e-5)
+        assert max_difference(a, b) < 2e-5
+    other_seed = copy.deepcopy(base)
+    train_private(other_seed, *sizes_with_data[1], cfg, 999, [])
+    assert max_difference(other_seed, together[1]) > 1e-2  # the noise is there, and seeded
+
+
+def close_runs(a: dict, b: dict, first: int) -> None:
+    """The first ``first`` rounds agree closely, all of them loosely."""
+    for ra, rb in zip(a["rounds"], b["rounds"]):
+        assert ra["clients"] == rb["clients"]
+        assert ra["bytes_up"] == rb["bytes_up"]
+        tight = ra["round"] <= first
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4 if tight else 5e-2)
+        assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=0.01 if tight else 0.05)
+
+
+def test_a_cohort_run_agrees_with_a_sequential_run(tmp_path: Path) -> None:
+    cfg = Config(num_server_rounds=3, num_clients=12, clients_per_round=6, seed=7,
+                 local_epochs=2, batch_size=8, partitioner="dirichlet", alpha=0.5,
+                 prune="unstructured", prune_sparsity=0.5, strategy="fedprox", proximal_mu=0.01)
+    sequential = simulate(cfg, tmp_path / "seq", progress=False)
+    together = simulate(cfg.replace(cohort_size=4), tmp_path / "cohort", progress=False)
+    close_runs(sequential, together, first=2)
+
+
+def test_private_cohort_run_keeps_the_ledger_and_declines(tmp_path: Path) -> None:
+    """DP-SGD in a cohort: the same epsilon, and clients past their budget decline while
+    the rest of the cohort trains (a handler that never reaches training leaves)."""
+    cfg = Config(num_server_rounds=3, num_clients=6, clients_per_round=6, seed=7,
+                 batch_size=16, privacy="sample", dp_noise=0.8, dp_reproducible=True,
+                 dp_budget=6.0, fraction_evaluate=0.0)
+    sequential = simulate(cfg, tmp_path / "seq", progress=False)
+    together = simulate(cfg.replace(cohort_size=6), tmp_path / "cohort", progress=False)
+    close_runs(sequential, together, first=3)
+    assert [r["clients_declined"] for r in together["rounds"]] == \
+        [r["clients_declined"] for r in sequential["rounds"]]
+    assert sum(r["clients_declined"] for r in together["rounds"]) > 0
+    assert together["summary"]["epsilon"] == sequential["summary"]["epsilon"]
+
+
+def test_unbatchable_features_train_alone_and_say_so_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """adam falls back to the sequential path: then a cohort run is the sequential run."""
+    cfg = Config(num_server_rounds=2, num_clients=4, clients_per_round=4, seed=7,
+                 optimizer="adam", lr=0.01, batch_size=16)
+    sequential = simulate(cfg, tmp_path / "seq", progress=False)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        together = simulate(cfg.replace(cohort_size=4), tmp_path / "cohort", progress=False)
+    said = [r.getMessage() for r in caplog.records if "cohort engine" in r.getMessage()]
+    assert len(said) == 1 and "adam" in said[0]
+    strip = [{k: v for k, v in r.items() if k != "wall_time_s"} for r in sequential["rounds"]]
+    assert strip == [{k: v for k, v in r.items() if k != "wall_time_s"}
+                     for r in together["rounds"]]
+
+
+def test_cohort_settings_that_cannot_run_fail_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cohort-size"):
+        Config(cohort_size=4, backend="ray")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device: cuda"):
+            simulate(Config(cohort_size=4, device="cuda"), tmp_path, progress=False)
+        assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cohort_on_the_gpu_agrees_with_the_cpu() -> None:
+    cfg = Config(batch_size=8, local_epochs=1, lr=0.05, momentum=0.9)
+    base = build_model("cnn-tiny", (1, 12, 12), 10, 0)
+    cpu, gpu = ([copy.deepcopy(base) for _ in SIZES] for _ in range(2))
+    data = client_data((1, 12, 12))
+    for models, device in ((cpu, CPU), (gpu, torch.device("cuda"))):
+        train_cohort([Job(m, x, y, cfg, client_generator(1, 1, i))
+                      for i, (m, (x, y)) in enumerate(zip(models, data))], device)
+    for a, b in zip(cpu, gpu):
+        assert max_difference(a, b) < 1e-4
