@@ -1,13 +1,17 @@
-"""Framework overhead: a full smallfed simulation against a plain torch loop doing the same work.
+"""Framework overhead and the cohort engine: smallfed simulations against a plain torch loop.
 
 The plain loop trains the same sampled clients (smallfed's seeded sampling rule), with
-the same local training function, seeds and batches, averages like Flower's FedAvg
-(float32, partition order) and evaluates centrally every round. Its accuracies must
-equal the simulation's exactly, which proves the work is identical; the ratio of wall
-times is then the cost of the framework. All runs happen in one process, one after
+the same local training function, seeds and batches, one client after another, averages
+like Flower's FedAvg (float32, partition order) and evaluates centrally every round.
+The sequential simulation's accuracies must equal it exactly, which proves the work is
+identical; the ratio of wall times is then the cost of the framework. The cohort
+engine (``cohort-size``, every client of a round in one batch) is timed on all the
+machine's threads and on one, and its final accuracy is compared with the sequential
+path's. ``--dp`` adds sample-level DP-SGD (a fixed noise multiplier, so no
+calibration is timed) to the same runs. All runs happen in one process, one after
 another, so they share the machine's state; data loading is included in every run.
 
-    python benchmarks/overhead.py [--config simulations/mnist.toml] [--rounds 20]
+    python benchmarks/overhead.py [--config simulations/mnist.toml] [--rounds 20] [--dp]
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from smallfed.data import federated_data
 from smallfed.models import build_model
 from smallfed.simulation import simulate
 from smallfed.training import CLIENT_THREADS, client_generator, evaluate, torch_threads, train
+
+DP = {"privacy": "sample", "dp-noise": 1.0, "dp-clip": 1.0, "fraction-evaluate": 0.0}
 
 
 def plain_loop(cfg: Config) -> list[float]:
@@ -72,33 +78,61 @@ def main() -> None:
     parser.add_argument("--config", default="simulations/mnist.toml")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray backend")
+    parser.add_argument("--dp", action="store_true", help="also time DP-SGD runs")
     parser.add_argument("--out", default="benchmarks/results/overhead.json")
     args = parser.parse_args()
     cfg = load_config(args.config, []).replace(num_server_rounds=args.rounds, strategy="fedavg")
+    cohort = cfg.replace(cohort_size=cfg.clients_per_round)
 
-    plain_acc, plain_s = timed(plain_loop, cfg)
-    rows = {"plain torch loop": (plain_acc, plain_s)}
-    backends = ["inprocess"] if args.no_ray else ["inprocess", "ray"]
-    for backend in backends:
-        with TemporaryDirectory() as out:
-            results, seconds = timed(
-                lambda: simulate(cfg.replace(backend=backend), out, progress=False,
-                                 overwrite=True))
-        rows[f"smallfed simulate ({backend})"] = ([r["accuracy"] for r in results["rounds"]],
-                                                  seconds)
+    def run(config: Config, threads: int | None = None) -> tuple[list[float], float]:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads or previous)
+        try:
+            with TemporaryDirectory() as out:
+                results, seconds = timed(
+                    lambda: simulate(config, out, progress=False, overwrite=True))
+        finally:
+            torch.set_num_threads(previous)
+        return [r["accuracy"] for r in results["rounds"]], seconds
 
+    rows = {"plain torch loop": timed(plain_loop, cfg)}
+    rows["smallfed simulate (inprocess)"] = run(cfg)
+    if not args.no_ray:
+        rows["smallfed simulate (ray)"] = run(cfg.replace(backend="ray"))
+    rows[f"cohort ({torch.get_num_threads()} threads)"] = run(cohort)
+    rows["cohort (1 thread)"] = run(cohort, threads=1)
+    if args.dp:
+        rows["DP-SGD inprocess"] = run(cfg.replace(**_keys(DP)))
+        rows[f"DP-SGD cohort ({torch.get_num_threads()} threads)"] = run(
+            cohort.replace(**_keys(DP)))
+
+    plain_acc, plain_s = rows["plain torch loop"]
+    sequential_acc = rows["smallfed simulate (inprocess)"][0]
     report = {"config": cfg.to_dict(), "runs": {}}
     print(f"{cfg.num_clients} clients, {cfg.clients_per_round} per round, "
           f"{cfg.num_server_rounds} rounds, {cfg.model} on {cfg.dataset}")
-    print(f"{'run':32} {'wall s':>8} {'ratio':>6} {'final acc':>9} {'same accuracies':>15}")
+    print(f"{'run':32} {'wall s':>8} {'ratio':>6} {'final acc':>9} {'vs sequential':>13} "
+          f"{'same as plain':>13}")
     for name, (acc, seconds) in rows.items():
-        same = acc == plain_acc
+        reference = sequential_acc if not name.startswith("DP") else rows["DP-SGD inprocess"][0]
+        same, delta = acc == plain_acc, 100 * (acc[-1] - reference[-1])
         ratio = seconds / plain_s
         report["runs"][name] = {"wall_time_s": round(seconds, 3), "ratio": round(ratio, 3),
-                                "final_accuracy": acc[-1], "identical_to_plain": same}
-        print(f"{name:32} {seconds:8.2f} {ratio:6.2f} {acc[-1]:9.4f} {str(same):>15}")
+                                "final_accuracy": acc[-1], "identical_to_plain": same,
+                                "points_vs_sequential": round(delta, 2)}
+        print(f"{name:32} {seconds:8.2f} {ratio:6.2f} {acc[-1]:9.4f} {delta:+13.2f} "
+              f"{str(same):>13}")
+    if args.dp:
+        dp_ratio = rows[f"DP-SGD cohort ({torch.get_num_threads()} threads)"][1] / rows[
+            f"cohort ({torch.get_num_threads()} threads)"][1]
+        report["dp_cohort_over_cohort"] = round(dp_ratio, 3)
+        print(f"DP-SGD cohort / cohort without DP: {dp_ratio:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _keys(hyphenated: dict) -> dict:
+    return {k.replace("-", "_"): v for k, v in hyphenated.items()}
 
 
 if __name__ == "__main__":

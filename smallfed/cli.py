@@ -71,6 +71,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from smallfed.simulation import simulate
 
     console = Console()
+    if args.device:
+        args.set.append(f"device={args.device}")
     if args.resume:
         from smallfed.flower.checkpoint import load
 
@@ -146,15 +148,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from smallfed.sweep import load_sweep, run_sweep
 
-    sweep = load_sweep(args.config)
+    sweep = load_sweep(args.config, ray_address=args.ray_address)
     try:
         table = run_sweep(sweep, progress=not args.no_progress)
     except RuntimeError as err:  # some points failed; the others are in the table
         print_error("error:", str(err))
         return 1
     except KeyboardInterrupt:  # run_sweep has dropped the queued points
+        again = f" --ray-address {args.ray_address}" if args.ray_address else ""
         print_error("interrupted:", f"the finished points are in {sweep.out / 'sweep.csv'}; "
-                    f"go on with: smallfed sweep --config {args.config}")
+                    f"go on with: smallfed sweep --config {args.config}{again}")
         return INTERRUPTED
     Console().print(f"{len(sweep.points)} points: {table}; plots: smallfed report {sweep.out}")
     return 0
@@ -240,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--overwrite", action="store_true",
                      help="start afresh in an --out that holds a run's results or checkpoint")
     sim.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sim.add_argument("--device", choices=["cpu", "cuda", "auto"],
+                     help="where the cohort engine trains (same as --set device=...)")
     sim.add_argument("--resume", metavar="DIR",
                      help="go on from the checkpoint of an interrupted run in DIR")
     sim.set_defaults(func=cmd_simulate)
@@ -260,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="run a grid of simulations (skips finished points)")
     sweep.add_argument("--config", required=True, help="a sweep file, e.g. "
                        "simulations/sweep-tradeoff.toml")
+    sweep.add_argument("--ray-address", metavar="HOST:PORT",
+                       help="run every point as a task on this Ray cluster (the head's "
+                       "address); replaces the sweep file's ray-address")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     sweep.set_defaults(func=cmd_sweep)
     report = sub.add_parser("report", help="trade-off plots and report.md of a sweep")

@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from smallfed.compact.pruning import masked_training
 from smallfed.cohort.stacked import StackedModel, refusal
 from smallfed.cohort.trainer import DpPlan, Job, train_cohort
 from smallfed.config import Config, ConfigError
@@ -71,8 +72,6 @@ def test_a_cohort_trains_each_client_as_it_would_train_alone() -> None:
     alone, together = ([copy.deepcopy(base) for _ in SIZES] for _ in range(2))
     expected = []
     for i, ((x, y), model) in enumerate(zip(client_data((1, 12, 12)), alone)):
-        from smallfed.compact.pruning import masked_training
-
         with masked_training(model, masks[i]):
             expected.append(train(model, x, y, cfg, client_generator(1, 2, i), mus[i]))
     jobs = [Job(model, x, y, cfg, client_generator(1, 2, i), mus[i], masks[i])
@@ -87,19 +86,25 @@ def test_a_cohort_trains_each_client_as_it_would_train_alone() -> None:
 
 
 def test_dp_sgd_in_a_cohort_draws_opacus_batches_and_noise() -> None:
-    """Same seeds, same Poisson batches and Gaussian noise as Opacus: the same models."""
+    """Same seeds, same Poisson batches and Gaussian noise as Opacus: the same models,
+    with pruning masks on a convolution and on a linear layer for some clients."""
     cfg = Config(privacy="sample", batch_size=8, local_epochs=2, lr=0.05, momentum=0.9,
                  dp_noise=1.1, dp_clip=0.7)
     base = build_model("cnn-tiny", (1, 12, 12), 10, 0)
     sizes_with_data = client_data((1, 12, 12))[:4]
+    rng = np.random.default_rng(4)
+    masks = [{"0.weight": rng.random((16, 1, 3, 3)) > 0.3,
+              "11.weight": rng.random((10, 64)) > 0.5} if i % 2 else {} for i in range(4)]
     alone, together = ([copy.deepcopy(base) for _ in sizes_with_data] for _ in range(2))
-    expected = [train_private(m, x, y, cfg, 100 + i, []).result
-                for i, (m, (x, y)) in enumerate(zip(alone, sizes_with_data))]
+    expected = []
+    for i, (model, (x, y)) in enumerate(zip(alone, sizes_with_data)):
+        with masked_training(model, masks[i]):
+            expected.append(train_private(model, x, y, cfg, 100 + i, [], masks[i]).result)
     jobs = []
     for i, (model, (x, y)) in enumerate(zip(together, sizes_with_data)):
         noise, rate, _ = planned_step(cfg, len(y))
         jobs.append(Job(model, x, y, cfg, torch.Generator().manual_seed(100 + i),
-                        dp=DpPlan(noise, rate, int(len(y) * rate))))
+                        masks=masks[i], dp=DpPlan(noise, rate, int(len(y) * rate))))
     got = train_cohort(jobs, CPU)
     for want, have, a, b in zip(expected, got, alone, together):
         assert want is not None and have.steps == want.steps

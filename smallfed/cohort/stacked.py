@@ -37,7 +37,9 @@ PER_SAMPLE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.E
               nn.Flatten, Scattering2D)
 
 Params = dict[str, torch.Tensor]  # parameter name -> (G, *shape)
-Layer = Callable[[Params, torch.Tensor], torch.Tensor]
+# A linear layer's (prefix, input (G, n, in), output (G, n, out)), recorded per sample.
+Tape = list[tuple[str, torch.Tensor, torch.Tensor]]
+Layer = Callable[..., torch.Tensor]
 
 
 def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
@@ -63,7 +65,7 @@ def refusal(model: nn.Module) -> str:
 
 
 def _conv(prefix: str, conv: nn.Conv2d) -> Layer:
-    def run(params: Params, h: torch.Tensor) -> torch.Tensor:
+    def run(params: Params, h: torch.Tensor, _tape: Tape | None = None) -> torch.Tensor:
         b, g = h.shape[:2]
         weight = params[prefix + "weight"]
         bias = params.get(prefix + "bias")
@@ -75,7 +77,7 @@ def _conv(prefix: str, conv: nn.Conv2d) -> Layer:
 
 
 def _group_norm(prefix: str, norm: nn.GroupNorm) -> Layer:
-    def run(params: Params, h: torch.Tensor) -> torch.Tensor:
+    def run(params: Params, h: torch.Tensor, _tape: Tape | None = None) -> torch.Tensor:
         b, g = h.shape[:2]
         weight, bias = params.get(prefix + "weight"), params.get(prefix + "bias")
         out = F.group_norm(h.reshape(b, -1, *h.shape[3:]), norm.num_groups * g,
@@ -86,17 +88,22 @@ def _group_norm(prefix: str, norm: nn.GroupNorm) -> Layer:
 
 
 def _linear(prefix: str) -> Layer:
-    def run(params: Params, h: torch.Tensor) -> torch.Tensor:
+    def run(params: Params, h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
         weight, bias = params[prefix + "weight"], params.get(prefix + "bias")
-        rows = h.transpose(0, 1)  # (G, batch, in)
+        # (G, n, in): n samples for each of G weights. Per sample (tape), h holds one
+        # sample of each of G * n groups, client-major, and the G clients' own weights.
+        rows = h.transpose(0, 1) if tape is None else h.reshape(weight.shape[0], -1, h.shape[-1])
         out = (torch.bmm(rows, weight.transpose(1, 2)) if bias is None else
                torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2)))
-        return out.transpose(0, 1)
+        if tape is None:
+            return out.transpose(0, 1)
+        tape.append((prefix, rows, out))
+        return out.reshape(1, -1, out.shape[-1])
     return run
 
 
 def _per_sample(layer: nn.Module) -> Layer:
-    def run(_params: Params, h: torch.Tensor) -> torch.Tensor:
+    def run(_params: Params, h: torch.Tensor, _tape: Tape | None = None) -> torch.Tensor:
         b, g = h.shape[:2]
         out = layer(h.reshape(b * g, *h.shape[2:]))
         return out.reshape(b, g, *out.shape[1:])
@@ -111,6 +118,7 @@ class StackedModel:
         if reason:
             raise ValueError(f"cannot stack {type(model).__name__}: {reason}")
         self.layers: list[Layer] = []
+        self.linear: set[str] = set()  # names of the linear layers' parameters
         for prefix, layer in _leaves(model):
             if isinstance(layer, nn.Conv2d):
                 self.layers.append(_conv(prefix, layer))
@@ -118,6 +126,7 @@ class StackedModel:
                 self.layers.append(_group_norm(prefix, layer))
             elif isinstance(layer, nn.Linear):
                 self.layers.append(_linear(prefix))
+                self.linear |= {prefix + n for n, _ in layer.named_parameters()}
             else:
                 self.layers.append(_per_sample(layer))
 
@@ -126,4 +135,18 @@ class StackedModel:
         copy ``i`` of the parameters on column ``i``."""
         for layer in self.layers:
             x = layer(params, x)
+        return x
+
+    def per_sample(self, params: Params, x: torch.Tensor, tape: Tape) -> torch.Tensor:
+        """Logits ``(1, G * n, classes)`` of ``x`` ``(1, G * n, *input_shape)``: n samples
+        of each of G clients, client-major, each sample its own group.
+
+        For per-sample gradients (DP-SGD): the parameters of convolutions and norms
+        come one copy per sample (so autograd gives each sample's gradient; they are
+        small), a linear layer's one per client, with its input and output recorded on
+        ``tape`` (its per-sample gradient is an outer product of the two, never built
+        when only its norm and the clipped sum are needed).
+        """
+        for layer in self.layers:
+            x = layer(params, x, tape)
         return x

@@ -21,6 +21,7 @@ another order (tests/test_cohort.py states the tolerance).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from smallfed.cohort import stacked
-from smallfed.cohort.stacked import Params, StackedModel
+from smallfed.cohort.stacked import Params, StackedModel, Tape
 from smallfed.config import Config
 from smallfed.training import TrainResult
 
@@ -107,7 +108,8 @@ class _Group:
         self.plans = [self._steps(job) for job in jobs]
         self.order = sorted(range(len(jobs)), key=lambda i: -self.plans[i])
         self.jobs = [jobs[i] for i in self.order]
-        self.stacked = StackedModel(jobs[0].model.to("cpu"))
+        # A copy, moved: fixed layers (the scattering's filters) run on the device too.
+        self.stacked = StackedModel(copy.deepcopy(jobs[0].model).to(device))
         names = [n for n, _ in jobs[0].model.named_parameters()]
         self.params: Params = {
             n: torch.stack([dict(j.model.named_parameters())[n].detach() for j in self.jobs])
@@ -205,7 +207,7 @@ class _Group:
     def _private_step(self, t: int, k: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Opacus's DP-SGD step for each client: its Poisson batch, per-sample gradients
         clipped to dp-clip and summed, its Gaussian noise, divided by its expected batch."""
-        samples = []
+        samples: list[torch.Tensor] = []
         for c, job in enumerate(self.jobs[:k]):
             per_epoch = self.plans[self.order[c]] // self.cfg.local_epochs
             if t % per_epoch == 0:  # a new epoch: DataLoader draws its base seed
@@ -213,38 +215,79 @@ class _Group:
             drawn = torch.rand(len(job.y), generator=job.generator) < job.dp.sample_rate
             samples.append(drawn.nonzero().reshape(-1) + int(self.offsets[c]))
         width = max((len(s) for s in samples), default=0)
-        names = list(self.params)
         loss = torch.zeros(k, device=self.device)
-        summed = [torch.zeros_like(self.params[n][:k]) for n in names]
+        summed = {n: torch.zeros_like(p[:k]) for n, p in self.params.items()}
         if width:
             rows = torch.full((k, width), -1, dtype=torch.long)
             for c, s in enumerate(samples):
                 rows[c, :len(s)] = s
-            rows = rows.to(self.device)
-            valid = (rows >= 0).reshape(-1)
-            expanded = {n: p[:k].detach().repeat_interleave(width, 0).requires_grad_()
-                        for n, p in self.params.items()}
-            index = rows.clamp(min=0).reshape(1, -1)  # each sample its own copy
-            logits = self.stacked(expanded, self.x[index])
-            per_sample = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                         self.y[index].reshape(-1), reduction="none")
-            grads = torch.autograd.grad((per_sample * valid).sum(), list(expanded.values()))
-            grads = [g * self.keep[n].repeat_interleave(width, 0) if n in self.keep else g
-                     for n, g in zip(names, grads)]
-            norms = torch.stack([g.flatten(1).norm(2, dim=1) for g in grads], 1).norm(2, dim=1)
-            factor = (self.cfg.dp_clip / (norms + 1e-6)).clamp(max=1.0) * valid
-            summed = [torch.einsum("ki,ki...->k...", factor.view(k, width),
-                                   g.view(k, width, *g.shape[1:])) for g in grads]
-            counts = valid.view(k, width).sum(1)
-            loss = torch.where(counts > 0, (per_sample * valid).view(k, width).sum(1)
-                               / counts.clamp(min=1), loss)
+            loss, summed = self._clipped_sums(rows.to(self.device), k, width)
         noisy = []
-        for n, total in zip(names, summed):
+        for total in summed.values():
             noise = torch.stack([self._noise(job, total.shape[1:]) for job in self.jobs[:k]])
             scale = torch.tensor([job.dp.expected_batch_size for job in self.jobs[:k]],
                                  dtype=total.dtype).view(-1, *[1] * (total.dim() - 1))
             noisy.append((total + noise.to(self.device)) / scale.to(self.device))
         return loss.detach(), noisy
+
+    def _clipped_sums(self, rows: torch.Tensor, k: int, width: int
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Each client's mean loss on its Poisson batch ``rows`` (k, width; -1 pads) and
+        its per-sample gradients clipped to dp-clip and summed, as Opacus's DPOptimizer
+        sums them (pruned coordinates zeroed before the norm, as train_private does)."""
+        valid = (rows >= 0).reshape(-1)
+        params, copies = {}, {}
+        for name, p in self.params.items():
+            if name in self.stacked.linear:
+                params[name] = p[:k]
+            else:  # one copy per sample: autograd gives each sample's own gradient
+                params[name] = copies[name] = p[:k].detach().repeat_interleave(
+                    width, 0).requires_grad_()
+        tape: Tape = []
+        index = rows.clamp(min=0).reshape(1, -1)
+        logits = self.stacked.per_sample(params, self.x[index], tape)
+        per_sample = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                     self.y[index].reshape(-1), reduction="none")
+        grads = torch.autograd.grad((per_sample * valid).sum(),
+                                    [*copies.values(), *(out for _, _, out in tape)])
+        per_copy = {n: self._kept(n, g, k, width) for n, g in zip(copies, grads)}
+        squares = sum(g.flatten(1).pow(2).sum(1) for g in per_copy.values())
+        linear: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for (prefix, inputs, _), out_grad in zip(tape, grads[len(copies):]):
+            weight, bias = prefix + "weight", prefix + "bias"
+            if weight in self.keep:  # a mask breaks the outer product's norm: build it
+                full = torch.einsum("kbo,kbi->kboi", out_grad, inputs)
+                full = full * self.keep[weight][:k].unsqueeze(1)
+                squares = squares + full.flatten(2).pow(2).sum(2).reshape(-1)
+                linear[weight] = (full, None)
+            else:  # ||g a^T|| = ||g|| ||a||: no per-sample matrix needed
+                squares = squares + (out_grad.pow(2).sum(2) * inputs.pow(2).sum(2)).reshape(-1)
+                linear[weight] = (out_grad, inputs)
+            if bias in self.params:
+                bias_grad = out_grad * self.keep[bias][:k].unsqueeze(1) if bias in self.keep \
+                    else out_grad
+                squares = squares + bias_grad.pow(2).sum(2).reshape(-1)
+                linear[bias] = (bias_grad, None)
+        factor = ((self.cfg.dp_clip / (squares.sqrt() + 1e-6)).clamp(max=1.0) * valid
+                  ).view(k, width)
+        summed = {}
+        for name in self.params:
+            if name in per_copy:
+                g = per_copy[name]
+                summed[name] = torch.einsum("kb,kb...->k...", factor, g.view(k, width, *g.shape[1:]))
+            elif linear[name][1] is None:  # per-sample already: (k, width, ...)
+                summed[name] = torch.einsum("kb,kb...->k...", factor, linear[name][0])
+            else:
+                out_grad, inputs = linear[name]
+                summed[name] = torch.bmm((out_grad * factor.unsqueeze(2)).transpose(1, 2), inputs)
+        counts = valid.view(k, width).sum(1)
+        loss = (per_sample * valid).view(k, width).sum(1) / counts.clamp(min=1)
+        return loss.detach(), summed
+
+    def _kept(self, name: str, grad: torch.Tensor, k: int, width: int) -> torch.Tensor:
+        if name not in self.keep:
+            return grad
+        return grad * self.keep[name][:k].repeat_interleave(width, 0)
 
     def _noise(self, job: Job, shape: torch.Size) -> torch.Tensor:
         std = job.dp.noise_multiplier * self.cfg.dp_clip
