@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--dp", action="store_true", help="also time DP-SGD runs")
     parser.add_argument("--out", default="benchmarks/results/overhead.json")
     args = parser.parse_args()
-    cfg = load_config(args.config, []).replace(num_server_rounds=args.rounds, strategy="fedavg")
+    cfg = load_config(args.config, []).replace(num_server_rounds=args.rounds, strategy="fedavg",
+                                               cohort_size=0)
     cohort = cfg.replace(cohort_size=cfg.clients_per_round)
 
     def run(config: Config, threads: int | None = None) -> tuple[list[float], float]:

@@ -312,7 +312,7 @@ class Config:
         "empty starts a local Ray instance.")
     cohort_size: int = _key(
         0, "inprocess: clients of a round trained together as one batched computation, "
-        "at most this many at once (0: one after another). Features the batch cannot "
+        "at most this many at once (0: one after another; on ray, each actor trains its own). Features the batch cannot "
         "hold (adam, QAT, weight sharing, secure RNG, subspace, BatchNorm) train one "
         "after another, and the run says so once.", ge=0)
     device: str = _key(
@@ -338,11 +338,6 @@ class Config:
             import_plugins(self.plugins)
         for f in dataclasses.fields(self):
             _check_value(f, getattr(self, f.name))
-        if self.cohort_size and self.backend != "inprocess":
-            raise ConfigError(
-                f"cohort-size: {self.cohort_size} batches clients on the inprocess backend, "
-                f"this run uses {self.backend}, where each client runs in its own actor; "
-                "set cohort-size = 0 or backend = 'inprocess'")
         if self.clients_per_round > self.num_clients:
             raise ConfigError(
                 f"clients-per-round: {self.clients_per_round} is more than num-clients "

@@ -166,7 +166,7 @@ def test_unbatchable_features_train_alone_and_say_so_once(
 
 def test_cohort_settings_that_cannot_run_fail_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cohort-size"):
-        Config(cohort_size=4, backend="ray")
+        Config(cohort_size=-1)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device: cuda"):
             simulate(Config(cohort_size=4, device="cuda"), tmp_path, progress=False)
