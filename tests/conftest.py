@@ -36,3 +36,14 @@ def fake_mnist(tmp_path: Path) -> Path:
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (500, 28, 28)))
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(500) % 10)
     return tmp_path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dp_noise_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Calibrated DP noise (smallfed.privacy.calibration) goes to a folder of this session,
+    never the user's ~/.cache; the processes the tests start inherit it. A
+    SMALLFED_CACHE_DIR already set is kept (a CI can share one across runs)."""
+    import os  # pylint: disable=import-outside-toplevel
+
+    if not os.environ.get("SMALLFED_CACHE_DIR"):
+        os.environ["SMALLFED_CACHE_DIR"] = str(tmp_path_factory.mktemp("smallfed-cache"))

@@ -107,17 +107,16 @@ def noise_for(cfg: Config, num_examples: int) -> float:
                          cfg.dp_accountant)
 
 
-@lru_cache(maxsize=4096)
 def _noise_search(target: float, delta: float, rate: float, steps: int, accountant: str
                   ) -> float:
-    """Opacus's noise search, cached on what it depends on: clients of different sizes
-    often share a sample rate and step count (with batch 64, every client of 65-128
-    records), and the search calls the accountant a dozen times (about a second with PRV).
+    """The noise calibrated on what it depends on (:mod:`smallfed.privacy.calibration`,
+    cached in memory and on disk): clients of different sizes often share a sample rate
+    and step count (with batch 64, every client of 65-128 records), and the sweep's
+    check, the run and each client process would otherwise search again.
     """
-    from opacus.accountants.utils import get_noise_multiplier
+    from smallfed.privacy.calibration import noise_multiplier
 
-    return get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=rate,
-                                steps=steps, accountant=accountant)
+    return noise_multiplier(target, delta, rate, steps, accountant)
 
 
 def planned_step(cfg: Config, records: int) -> tuple[float, float, int]:

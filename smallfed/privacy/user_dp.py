@@ -257,13 +257,13 @@ SECURE_AND_REPRODUCIBLE = (
 
 
 def user_noise(cfg: Config) -> float:
-    """``dp-noise``, or the noise that spends ``dp-target-epsilon`` in the planned rounds."""
-    from opacus.accountants.utils import get_noise_multiplier  # 2 s: only when DP is on
+    """``dp-noise``, or the noise that spends ``dp-target-epsilon`` in the planned rounds
+    (calibrated once per key, then read from the disk cache of
+    :mod:`smallfed.privacy.calibration`)."""
+    from smallfed.privacy.calibration import noise_multiplier
 
     if cfg.dp_target_epsilon <= 0:
         return cfg.dp_noise
-    return get_noise_multiplier(
-        target_epsilon=cfg.dp_target_epsilon, target_delta=cfg.dp_delta,
-        sample_rate=cfg.clients_per_round / cfg.num_clients, steps=cfg.num_server_rounds,
-        accountant=cfg.dp_accountant,
-    )
+    return noise_multiplier(cfg.dp_target_epsilon, cfg.dp_delta,
+                            cfg.clients_per_round / cfg.num_clients, cfg.num_server_rounds,
+                            cfg.dp_accountant)
