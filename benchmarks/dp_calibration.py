@@ -35,7 +35,7 @@ from smallfed.config import Config
 from smallfed.data import federated_data
 from smallfed.privacy import calibration
 from smallfed.privacy.local_dp import planned_rounds, sample_rate, steps_per_round
-from smallfed.sweep import load_sweep
+from smallfed.sweep import Point, load_sweep
 
 warnings.filterwarnings("ignore")
 Key = tuple[float, float, float, int, str]  # target, delta, sample rate, steps, accountant
@@ -87,36 +87,40 @@ def in_new_process(keys: list[Key]) -> dict:
     return json.loads(out.stdout.splitlines()[-1])
 
 
+def measure(target: float, points: list[Point], keys: dict[str, list[Key]]) -> dict:
+    """(b) and (c) for the points of one target, and the accountant's epsilons."""
+    cold_s, noises = calibrate(keys[points[0].name])
+    warm = in_new_process(keys[points[1].name])
+    assert warm["noises"] == noises, "the warm cache served other values"
+    epsilons = [accountant_epsilon(z, k) for z, k in zip(noises, keys[points[0].name])]
+    return {
+        "target_epsilon": target, "points": len(points),
+        "keys_per_point": len(keys[points[0].name]),
+        "cold_first_point_s": round(cold_s, 3),
+        "warm_point_new_process_s": round(warm["seconds"], 4),
+        "warm_imports_opacus": warm["opacus_imported"],
+        "noise_multipliers": noises,
+        "epsilons": epsilons,
+        "max_epsilon_over_target": max(epsilons) / target,
+        "min_epsilon_over_target": min(epsilons) / target,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default="simulations/sweep-tradeoff.toml")
     parser.add_argument("--out", default="benchmarks/results/dp_calibration.json")
     args = parser.parse_args()
     private = [p for p in load_sweep(args.sweep).points if p.config.dp_target_epsilon > 0]
-    by_target: dict[float, list] = {}
+    by_target: dict[float, list[Point]] = {}
     for point in private:
         by_target.setdefault(point.config.dp_target_epsilon, []).append(point)
     keys = {p.name: point_keys(p.config) for p in private}
-    os.environ["SMALLFED_CACHE_DIR"] = tempfile.mkdtemp(prefix="smallfed-calibration-")
     first = private[0]
     opacus_s, opacus_noises = opacus(keys[first.name])
-    targets = []
-    for target, points in by_target.items():
-        cold_s, noises = calibrate(keys[points[0].name])
-        warm = in_new_process(keys[points[1].name])
-        assert warm["noises"] == noises, "the warm cache served other values"
-        epsilons = [accountant_epsilon(z, k) for z, k in zip(noises, keys[points[0].name])]
-        targets.append({
-            "target_epsilon": target, "points": len(points),
-            "keys_per_point": len(keys[points[0].name]),
-            "cold_first_point_s": round(cold_s, 3),
-            "warm_point_new_process_s": round(warm["seconds"], 4),
-            "warm_imports_opacus": warm["opacus_imported"],
-            "noise_multipliers": noises,
-            "epsilons": epsilons,
-            "max_epsilon_over_target": max(epsilons) / target,
-            "min_epsilon_over_target": min(epsilons) / target,
-        })
+    with tempfile.TemporaryDirectory(prefix="smallfed-calibration-") as folder:
+        os.environ["SMALLFED_CACHE_DIR"] = folder  # empty; the subprocesses inherit it
+        targets = [measure(target, points, keys) for target, points in by_target.items()]
     ours = targets[0]["noise_multipliers"]
     report = {
         "sweep": args.sweep, "private_points": len(private),
