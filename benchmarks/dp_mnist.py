@@ -121,45 +121,8 @@ def scatter_linear_head(input_shape, num_classes):
                          nn.Linear(math.prod(input_shape), num_classes))
 
 
-def cache_noise_search() -> None:
-    """Memoise Opacus's noise search on (epsilon, delta, rate, steps, accountant), on disk.
-
-    smallfed caches it on the same key, but in memory, per process: the benchmark's
-    workers and points each start a new one and would search again. Same function,
-    same answers: only the repeats are skipped. The cache lives in /tmp, shared by the
-    workers.
-    """
-    import opacus.accountants.utils as utils
-
-    original = utils.get_noise_multiplier
-
-    def cached(*, target_epsilon, target_delta, sample_rate, steps=None, epochs=None,
-               accountant="rdp", epsilon_tolerance=0.01, **kwargs):
-        if epochs is not None or kwargs:
-            return original(target_epsilon=target_epsilon, target_delta=target_delta,
-                            sample_rate=sample_rate, steps=steps, epochs=epochs,
-                            accountant=accountant, epsilon_tolerance=epsilon_tolerance,
-                            **kwargs)
-        key = repr((float(target_epsilon), float(target_delta), float(sample_rate),
-                    int(steps), accountant, float(epsilon_tolerance)))
-        table = json.loads(NOISE_CACHE.read_text()) if NOISE_CACHE.exists() else {}
-        if key not in table:
-            table[key] = original(target_epsilon=target_epsilon, target_delta=target_delta,
-                                  sample_rate=sample_rate, steps=steps, accountant=accountant,
-                                  epsilon_tolerance=epsilon_tolerance)
-            fresh = json.loads(NOISE_CACHE.read_text()) if NOISE_CACHE.exists() else {}
-            fresh.update(table)
-            tmp = NOISE_CACHE.with_suffix(f".{time.time_ns()}.tmp")
-            tmp.write_text(json.dumps(fresh))
-            tmp.replace(NOISE_CACHE)
-        return table[key]
-
-    utils.get_noise_multiplier = cached
-
-
 def run(args: tuple[str, dict]) -> tuple[str, dict]:
     label, values = args
-    cache_noise_search()
     values = dict(values)
     if values.pop("central", False):
         return label, run_central(Config.from_mapping(values))
