@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from smallfed.cohort.rendezvous import Cohort, resolve_device
-from smallfed.config import Config
+from smallfed.config import Config, ConfigError
 from smallfed.data import check_data_config
 from smallfed.flower.checkpoint import check_resumable, out_dir_lock
 from smallfed.flower.checkpoint import load as load_checkpoint
@@ -141,15 +142,37 @@ def run_on_ray(cfg: Config, server_app: Any, client_app: Any) -> None:
 
     ``run_simulation`` is Flower's Python entry point to the engine; it is marked
     deprecated in favour of ``flwr run``, which `flwr run .` here uses, but it is the
-    one that runs app objects built in this process.
+    one that runs app objects built in this process. With ``ray-address`` the backend's
+    ``ray.init(**init_args)`` joins that cluster instead of starting a local Ray; the
+    ServerApp runs here and the client actors on the cluster's nodes.
     """
     from flwr.simulation import run_simulation
 
+    init_args: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
+    if cfg.ray_address:
+        check_ray_address(cfg.ray_address)  # before the ServerApp's thread starts
+        init_args["address"] = cfg.ray_address
     backend_config = {
-        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
-        "init_args": {"logging_level": logging.ERROR, "log_to_driver": False},
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
+        "init_args": init_args,
     }
     run_simulation(
         server_app=server_app, client_app=client_app, num_supernodes=cfg.num_clients,
         backend_name="ray", backend_config=backend_config,
     )
+
+
+def check_ray_address(address: str) -> None:
+    """ConfigError unless something answers at ``address`` (host:port): ``ray.init``
+    retries an address where nothing answers for minutes, with only log lines."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"ray-address: {address!r} is not host:port; give the address "
+                          "`ray start --head` printed, e.g. ray-address = \"10.0.0.5:6379\"")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(
+            f"ray-address: no Ray cluster answers at {address} ({err}); start its head "
+            f"there (`ray start --head --port={port}`), or set ray-address = \"\" to run "
+            "on a local Ray instance") from err
