@@ -33,7 +33,8 @@ from smallfed.models import build_model
 from smallfed.simulation import simulate
 from smallfed.training import CLIENT_THREADS, client_generator, evaluate, torch_threads, train
 
-DP = {"privacy": "sample", "dp-noise": 1.0, "dp-clip": 1.0, "fraction-evaluate": 0.0}
+DP = {"privacy": "sample", "dp-noise": 1.0, "dp-clip": 1.0, "fraction-evaluate": 0.0,
+      "dp-reproducible": True}  # the same noise on both paths: comparable accuracies
 
 
 def plain_loop(cfg: Config) -> list[float]:

@@ -175,10 +175,15 @@ def finished(sweep: Sweep, point: Point) -> dict[str, Any] | None:
     return results if same and done else None
 
 
-def _ignore_ctrl_c() -> None:
+def _start_worker(threads: int) -> None:
     """In each worker: Ctrl-C reaches the whole process group, and the sweep process
-    alone decides what stops (a worker's own KeyboardInterrupt prints a traceback)."""
+    alone decides what stops (a worker's own KeyboardInterrupt prints a traceback).
+    Its share of the cores as torch threads: workers that each take every core wait
+    on each other's OpenMP threads (a cohort ran 3x slower so)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch  # pylint: disable=import-outside-toplevel
+
+    torch.set_num_threads(threads)
 
 
 def _run_point(args: tuple[Config, str]) -> dict[str, Any]:
@@ -228,9 +233,11 @@ def _run_locally(sweep: Sweep, todo: list[Point], results: Results, bar: Progres
                  task: TaskID) -> list[str]:
     """Each point in a process of this machine; the failed points, one line each."""
     # spawn, not fork: a forked child of a process that ran torch can deadlock.
-    with ProcessPoolExecutor(min(sweep.workers or os.cpu_count() or 1, max(1, len(todo))),
-                             mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_ignore_ctrl_c) as pool:
+    cores = os.cpu_count() or 1
+    workers = min(sweep.workers or cores, max(1, len(todo)))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_start_worker,
+                             initargs=(max(1, cores // workers),)) as pool:
         jobs = {pool.submit(_run_point, (p.config, str(point_dir(sweep, p)))): p
                 for p in todo}
         failed = []
