@@ -30,6 +30,12 @@ class ConfigError(ValueError):
     """A configuration value that cannot run; the message names the key and the fix."""
 
 
+# Keys that say where and how a run executes, not what it computes: a checkpoint
+# resumes, and a sweep point counts as finished, whatever they were.
+RUNNING_KEYS = frozenset({"out-dir", "resume", "device", "cohort-size", "ray-address",
+                          "client-gpus"})
+
+
 def _key(
     default: Any,
     doc: str,

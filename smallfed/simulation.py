@@ -82,7 +82,8 @@ def simulate(  # pylint: disable=too-many-arguments
     the configured strategy under the server's layers.
     """
     check_privacy_config(cfg, check_data_config(cfg))
-    resolve_device(cfg.device)  # a missing GPU fails here, before any work
+    if cfg.cohort_size > 1 and cfg.backend == "inprocess":
+        resolve_device(cfg.device)  # a missing GPU fails here, before any work
     out = Path(out_dir)
     if resume:
         require_checkpoint(out)  # none there: say so before writing anything, even a lock

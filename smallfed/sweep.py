@@ -52,7 +52,7 @@ from typing import Any
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn,
                            TimeElapsedColumn)
 
-from smallfed.config import Config, ConfigError
+from smallfed.config import RUNNING_KEYS, Config, ConfigError
 
 SWEEP_FIELDS = ("point", "seed", "final_accuracy", "best_accuracy", "total_bytes_up",
                 "compression_ratio_up", "epsilon", "sim_time_s", "sim_time_to_target_s",
@@ -158,6 +158,11 @@ def portable(cfg: Config) -> Config:
     return cfg.replace(data_dir=os.path.abspath(cfg.data_dir))
 
 
+def _what(cfg: Config) -> dict[str, Any]:
+    """What a run computes: its configuration without where and how it ran."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in RUNNING_KEYS}
+
+
 def finished(sweep: Sweep, point: Point) -> dict[str, Any] | None:
     """The point's results if it has run all its rounds with this very configuration,
     else None (results.json is written after every round, so a stopped run has one).
@@ -168,7 +173,7 @@ def finished(sweep: Sweep, point: Point) -> dict[str, Any] | None:
     try:  # a key added to smallfed since the point ran reads as its default
         results = json.loads(results_file.read_text())
         ran = Config.from_mapping(results.get("config", {}))
-        same = portable(ran) == portable(point.config)
+        same = _what(portable(ran)) == _what(portable(point.config))
         done = results["rounds"][-1]["round"] == point.config.num_server_rounds
     except (ValueError, LookupError, ConfigError):  # cut short while written: run it again
         return None

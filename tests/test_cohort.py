@@ -25,7 +25,7 @@ from smallfed.config import Config, ConfigError
 from smallfed.models import build_model
 from smallfed.privacy.local_dp import planned_step, train_private
 from smallfed.simulation import simulate
-from smallfed.training import client_generator, train
+from smallfed.training import TrainResult, client_generator, train
 
 CPU = torch.device("cpu")
 SIZES = [17, 40, 3, 25, 0]  # steps differ; one client has no data
@@ -65,6 +65,7 @@ def test_a_cohort_trains_each_client_as_it_would_train_alone() -> None:
     """Different sizes and steps, momentum, weight decay, FedProx and pruning masks."""
     cfg = Config(batch_size=8, local_epochs=2, lr=0.05, momentum=0.9, weight_decay=1e-3)
     base = build_model("cnn-tiny", (1, 12, 12), 10, 0)
+    said: list[str] = []
     mus = [0.0, 0.1, 0.0, 0.5, 0.0]
     rng = np.random.default_rng(3)
     masks = [{"0.weight": rng.random((16, 1, 3, 3)) > 0.5} if i % 2 else {}
@@ -76,8 +77,10 @@ def test_a_cohort_trains_each_client_as_it_would_train_alone() -> None:
             expected.append(train(model, x, y, cfg, client_generator(1, 2, i), mus[i]))
     jobs = [Job(model, x, y, cfg, client_generator(1, 2, i), mus[i], masks[i])
             for i, ((x, y), model) in enumerate(zip(client_data((1, 12, 12)), together))]
-    got = train_cohort(jobs, CPU)
+    got = train_cohort(jobs, CPU, said.append)
+    assert not said
     for want, have, a, b in zip(expected, got, alone, together):
+        assert isinstance(have, TrainResult)
         assert (have.steps, have.num_examples) == (want.steps, want.num_examples)
         assert have.loss == pytest.approx(want.loss, rel=1e-5, abs=1e-7)
         assert max_difference(a, b) < 2e-5
@@ -85,34 +88,67 @@ def test_a_cohort_trains_each_client_as_it_would_train_alone() -> None:
     assert max_difference(together[1], base) > 1e-3  # and the others did train
 
 
-def test_dp_sgd_in_a_cohort_draws_opacus_batches_and_noise() -> None:
+@pytest.mark.parametrize("name,shape,masks", [
+    ("cnn-tiny", (1, 12, 12), {"0.weight": (16, 1, 3, 3), "11.weight": (10, 64)}),
+    ("mlp", (64,), {"1.weight": (64, 64)})])
+def test_dp_sgd_in_a_cohort_draws_opacus_batches_and_noise(
+        name: str, shape: tuple[int, ...], masks: dict[str, tuple[int, ...]]) -> None:
     """Same seeds, same Poisson batches and Gaussian noise as Opacus: the same models,
-    with pruning masks on a convolution and on a linear layer for some clients."""
+    with pruning masks on some clients (a convolution's and a linear layer's), and
+    clients of different sizes, so different sample rates, noise multipliers (a target
+    epsilon) and expected batch sizes in one batch."""
     cfg = Config(privacy="sample", batch_size=8, local_epochs=2, lr=0.05, momentum=0.9,
-                 dp_noise=1.1, dp_clip=0.7)
-    base = build_model("cnn-tiny", (1, 12, 12), 10, 0)
-    sizes_with_data = client_data((1, 12, 12))[:4]
+                 dp_target_epsilon=6.0, num_server_rounds=4, dp_clip=0.7)
+    base = build_model(name, shape, 10, 0)
+    with_data = client_data(shape)[:4]
     rng = np.random.default_rng(4)
-    masks = [{"0.weight": rng.random((16, 1, 3, 3)) > 0.3,
-              "11.weight": rng.random((10, 64)) > 0.5} if i % 2 else {} for i in range(4)]
-    alone, together = ([copy.deepcopy(base) for _ in sizes_with_data] for _ in range(2))
+    kept = [{k: rng.random(s) > 0.4 for k, s in masks.items()} if i % 2 else {}
+            for i in range(4)]
+    alone, together = ([copy.deepcopy(base) for _ in with_data] for _ in range(2))
     expected = []
-    for i, (model, (x, y)) in enumerate(zip(alone, sizes_with_data)):
-        with masked_training(model, masks[i]):
-            expected.append(train_private(model, x, y, cfg, 100 + i, [], masks[i]).result)
+    for i, (model, (x, y)) in enumerate(zip(alone, with_data)):
+        with masked_training(model, kept[i]):
+            expected.append(train_private(model, x, y, cfg, 100 + i, [], kept[i]).result)
     jobs = []
-    for i, (model, (x, y)) in enumerate(zip(together, sizes_with_data)):
+    for i, (model, (x, y)) in enumerate(zip(together, with_data)):
         noise, rate, _ = planned_step(cfg, len(y))
         jobs.append(Job(model, x, y, cfg, torch.Generator().manual_seed(100 + i),
-                        masks=masks[i], dp=DpPlan(noise, rate, int(len(y) * rate))))
-    got = train_cohort(jobs, CPU)
+                        masks=kept[i], dp=DpPlan(noise, rate, int(len(y) * rate), len(y))))
+    assert len({job.dp.noise_multiplier for job in jobs}) > 1
+    said: list[str] = []
+    got = train_cohort(jobs, CPU, said.append)
+    assert not said
     for want, have, a, b in zip(expected, got, alone, together):
-        assert want is not None and have.steps == want.steps
+        assert want is not None and isinstance(have, TrainResult)
+        assert (have.steps, have.num_examples) == (want.steps, want.num_examples)
         assert have.loss == pytest.approx(want.loss, rel=1e-5)
         assert max_difference(a, b) < 2e-5
     other_seed = copy.deepcopy(base)
-    train_private(other_seed, *sizes_with_data[1], cfg, 999, [])
+    train_private(other_seed, *with_data[1], cfg, 999, [])
     assert max_difference(other_seed, together[1]) > 1e-2  # the noise is there, and seeded
+
+
+def test_a_failed_batch_trains_its_clients_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory, say: the batch's clients train on their own paths instead, and
+    the run says why once."""
+    cfg = Config(batch_size=8, local_epochs=1)
+    base = build_model("cnn-tiny", (1, 12, 12), 10, 0)
+    models = [copy.deepcopy(base) for _ in SIZES]
+    jobs = [Job(m, x, y, cfg, client_generator(1, 2, i))
+            for i, (m, (x, y)) in enumerate(zip(models, client_data((1, 12, 12))))]
+    for job, (model, (x, y)) in zip(jobs, zip(models, client_data((1, 12, 12)))):
+        job.alone = lambda model=model, x=x, y=y, job=job: train(
+            model, x, y, cfg, client_generator(1, 2, jobs.index(job)))
+
+    def no_memory(_self: object) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr("smallfed.cohort.trainer._Group.train", no_memory)
+    said: list[str] = []
+    got = train_cohort(jobs, CPU, said.append)
+    assert len(said) == 1 and "out of memory" in said[0]
+    assert [r.steps for r in got] == [3, 5, 1, 4, 0]  # type: ignore[union-attr]
+    assert max_difference(models[1], base) > 1e-3
 
 
 def close_runs(a: dict, b: dict, first: int) -> None:
@@ -125,23 +161,45 @@ def close_runs(a: dict, b: dict, first: int) -> None:
         assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=0.01 if tight else 0.05)
 
 
-def test_a_cohort_run_agrees_with_a_sequential_run(tmp_path: Path) -> None:
+def count_batched(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of jobs of every batch the cohort trains from now on."""
+    import smallfed.cohort.trainer as trainer
+
+    sizes: list[int] = []
+    real = trainer.train_cohort
+
+    def spy(jobs: list[Job], *args: object) -> list:
+        sizes.append(len(jobs))
+        return real(jobs, *args)
+
+    monkeypatch.setattr(trainer, "train_cohort", spy)
+    return sizes
+
+
+def test_a_cohort_run_agrees_with_a_sequential_run(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = Config(num_server_rounds=3, num_clients=12, clients_per_round=6, seed=7,
                  local_epochs=2, batch_size=8, partitioner="dirichlet", alpha=0.5,
                  prune="unstructured", prune_sparsity=0.5, strategy="fedprox", proximal_mu=0.01)
     sequential = simulate(cfg, tmp_path / "seq", progress=False)
+    batched = count_batched(monkeypatch)
     together = simulate(cfg.replace(cohort_size=4), tmp_path / "cohort", progress=False)
+    assert batched == [4, 2] * 3  # 6 clients a round, 4 at a time, all of them batched
     close_runs(sequential, together, first=2)
 
 
-def test_private_cohort_run_keeps_the_ledger_and_declines(tmp_path: Path) -> None:
+def test_private_cohort_run_keeps_the_ledger_and_declines(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """DP-SGD in a cohort: the same epsilon, and clients past their budget decline while
     the rest of the cohort trains (a handler that never reaches training leaves)."""
     cfg = Config(num_server_rounds=3, num_clients=6, clients_per_round=6, seed=7,
                  batch_size=16, privacy="sample", dp_noise=0.8, dp_reproducible=True,
                  dp_budget=6.0, fraction_evaluate=0.0)
     sequential = simulate(cfg, tmp_path / "seq", progress=False)
+    batched = count_batched(monkeypatch)
     together = simulate(cfg.replace(cohort_size=6), tmp_path / "cohort", progress=False)
+    declined = [r["clients_declined"] for r in together["rounds"][1:]]
+    assert batched == [6 - d for d in declined if d < 6]
     close_runs(sequential, together, first=3)
     assert [r["clients_declined"] for r in together["rounds"]] == \
         [r["clients_declined"] for r in sequential["rounds"]]
@@ -181,6 +239,6 @@ def test_a_cohort_on_the_gpu_agrees_with_the_cpu() -> None:
     data = client_data((1, 12, 12))
     for models, device in ((cpu, CPU), (gpu, torch.device("cuda"))):
         train_cohort([Job(m, x, y, cfg, client_generator(1, 1, i))
-                      for i, (m, (x, y)) in enumerate(zip(models, data))], device)
+                      for i, (m, (x, y)) in enumerate(zip(models, data))], device, print)
     for a, b in zip(cpu, gpu):
         assert max_difference(a, b) < 1e-4

@@ -3,11 +3,20 @@
 The in-process Grid delivers a round's train messages on one thread each. Every
 ClientApp runs its handler as usual (mods, ledgers, refusals, codecs) until it trains:
 there :func:`smallfed.training.train` (or DP-SGD's core) hands its job to the cohort
-and waits. When no thread of the cohort is still running, the last one to arrive
-trains every waiting job at once (:func:`smallfed.cohort.trainer.train_cohort`) and
-the handlers go on with their trained models. A handler that declines, fails, or
-trains something the batch cannot hold (it calls :func:`sequential`) just runs,
-one at a time, so the batch always holds exactly the clients that reached training.
+and waits. When every other call of the cohort waits too or has finished, the last
+one to arrive trains every waiting job at once
+(:func:`smallfed.cohort.trainer.train_cohort`) and the handlers go on with their
+trained models. A handler that declines or fails just finishes; one that trains
+something the batch cannot hold trains it itself, on one thread.
+
+Only one call runs at a time: a thread holds the cohort's lock while it runs and
+gives it up only while it waits for the batch. The handlers' global state (torch's
+global generator, which model building seeds; torch's thread count; caches) is then
+used as on the sequential path, and a DP client trained outside the batch cannot have
+its noise drawn while another thread reseeds a generator. A handler must therefore
+not wait, before it trains, on something another handler holds while training; the
+in-process Grid refuses the one case there is (two nodes sharing a data folder, whose
+privacy ledger lock a client holds across training).
 
 The ClientApp code is unchanged by this: the cohort is a property of the engine, as
 Flower's engines decide how ClientApps run.
@@ -41,14 +50,13 @@ class _Slot:
 
 
 class Cohort:
-    """Runs tasks on one thread each; the jobs they submit train together."""
+    """Runs tasks on one thread each, one at a time; the jobs they submit train together."""
 
     def __init__(self, device: torch.device, threads: int) -> None:
         self.device, self.threads = device, threads
-        self._cond = threading.Condition()
-        self._running = 0
+        self._turn = threading.Condition(threading.RLock())  # held by the running call
+        self._running = 0  # calls neither waiting for the batch nor finished
         self._waiting: list[_Slot] = []
-        self._compute = threading.Lock()  # torch work of the cohort's threads, one at a time
         self._said: set[str] = set()
 
     def run(self, tasks: list[Callable[[], T]]) -> list[T]:
@@ -57,12 +65,12 @@ class Cohort:
         self._running = len(tasks)
 
         def work(position: int, task: Callable[[], T]) -> None:
-            _local.cohort, _local.position = self, position
-            try:
-                results[position] = task()
-            finally:
-                _local.cohort = None
-                with self._cond:
+            with self._turn:
+                _local.cohort, _local.position = self, position
+                try:
+                    results[position] = task()
+                finally:
+                    _local.cohort = None
                     self._running -= 1
                     self._train_if_all_wait()
 
@@ -78,57 +86,48 @@ class Cohort:
         """``job`` trained in the batch, or by ``sequential`` when the batch cannot hold it."""
         from smallfed.cohort.trainer import refusal  # pylint: disable=import-outside-toplevel
 
+        job.alone = sequential
         reason = refusal(job)
         if reason:
-            with self.sequential(reason):
+            self.say(f"{reason}; these clients train one after another")
+            with threads(1):
                 return sequential()
-        return self._wait(job)
-
-    def _wait(self, job: Job) -> TrainResult:
-        """Wait for the batch that trains ``job``; its result."""
         slot = _Slot(_local.position, job)
-        with self._cond:
+        with self._turn:
             self._waiting.append(slot)
             self._running -= 1
             self._train_if_all_wait()
             while not slot.done:
-                self._cond.wait()
+                self._turn.wait()  # the others run meanwhile
         if slot.error is not None:
             raise slot.error
         assert slot.result is not None
         return slot.result
 
-    @contextmanager
-    def sequential(self, reason: str) -> Iterator[None]:
-        """Train one client outside the batch, alone and on one thread, saying once why."""
-        with self._cond:
-            first = reason not in self._said
-            self._said.add(reason)
-        if first:
-            _log.warning("cohort engine: %s; these clients train one after another", reason)
-        with self._compute, threads(1):
-            yield
+    def say(self, message: str) -> None:
+        """Log ``message`` once per cohort (so once per run)."""
+        if message not in self._said:
+            self._said.add(message)
+            _log.warning("cohort engine: %s", message)
 
     def _train_if_all_wait(self) -> None:
-        """With the condition held: when no thread still runs, train the waiting jobs."""
+        """With the turn held: when no call still runs, train the waiting jobs."""
         if self._running or not self._waiting:
             return
         slots = sorted(self._waiting, key=lambda s: s.position)
         self._waiting = []
         from smallfed.cohort.trainer import train_cohort  # pylint: disable=import-outside-toplevel
 
-        try:
-            with self._compute, threads(self.threads):
-                results = train_cohort([s.job for s in slots], self.device)
-            for slot, result in zip(slots, results):
-                slot.result = result
-        except Exception as err:  # pylint: disable=broad-exception-caught
-            for slot in slots:  # every client of the batch fails with it, as each would
-                slot.error = err
-        for slot in slots:
+        with threads(self.threads):
+            outcomes = train_cohort([s.job for s in slots], self.device, self.say)
+        for slot, outcome in zip(slots, outcomes):
+            if isinstance(outcome, BaseException):
+                slot.error = outcome
+            else:
+                slot.result = outcome
             slot.done = True
         self._running += len(slots)
-        self._cond.notify_all()
+        self._turn.notify_all()
 
 
 def resolve_device(name: str) -> torch.device:

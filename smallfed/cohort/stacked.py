@@ -53,12 +53,15 @@ def refusal(model: nn.Module) -> str:
     """Why ``model`` cannot be stacked, or ''."""
     if not isinstance(model, nn.Sequential):
         return f"{type(model).__name__} is not an nn.Sequential"
-    for name, layer in _leaves(model):
-        if isinstance(layer, (nn.Conv2d, nn.GroupNorm)):
+    leaves = _leaves(model)
+    if len({id(layer) for _, layer in leaves}) < len(leaves):
+        return "a layer is used twice"
+    for name, layer in leaves:
+        # Exact types: a subclass may have its own forward, which the stacked form ignores.
+        if type(layer) is nn.Conv2d and layer.padding_mode == "zeros":
             continue
-        if isinstance(layer, nn.Linear):
-            continue
-        if isinstance(layer, PER_SAMPLE) and not any(True for _ in layer.parameters()):
+        if type(layer) in (nn.GroupNorm, nn.Linear) or (
+                type(layer) in PER_SAMPLE and not any(True for _ in layer.parameters())):
             continue
         return f"layer {name.rstrip('.')} ({type(layer).__name__}) has no stacked form"
     return ""

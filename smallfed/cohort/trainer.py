@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from smallfed.cohort import stacked
+from smallfed.cohort.rendezvous import threads
 from smallfed.cohort.stacked import Params, StackedModel, Tape
 from smallfed.config import Config
 from smallfed.training import TrainResult
@@ -51,6 +53,7 @@ class Job:
     proximal_mu: float = 0.0
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     dp: "DpPlan | None" = None
+    alone: Callable[[], TrainResult] | None = None  # the sequential path, if a batch fails
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class DpPlan:
     noise_multiplier: float
     sample_rate: float
     expected_batch_size: int
+    records: int  # the public record count the mechanism is planned for
 
 
 def refusal(job: Job) -> str:
@@ -71,12 +75,16 @@ def refusal(job: Job) -> str:
         return "QAT's fake quantization is not batched"
     if any(p._backward_hooks for p in job.model.parameters()):  # pylint: disable=protected-access
         return "weight sharing's gradient hooks are not batched"
+    if not all(p.requires_grad for p in job.model.parameters()):
+        return "frozen parameters are not batched"
     if reason := stacked.refusal(job.model):
         return f"model {cfg.model}: {reason}"
     if job.dp is not None and cfg.dp_secure_rng:
         return "dp-secure-rng draws from the OS, the batch from each client's seeded generator"
     if job.dp is not None and cfg.dp_physical_batch:
         return "dp-physical-batch splits batches the cohort does not split"
+    if job.dp is not None and not len(job.y):
+        return "a DP client without records fails on its own path, with Opacus's reason"
     return ""
 
 
@@ -87,16 +95,39 @@ def group_key(job: Job) -> tuple:
             cfg.local_epochs, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.dp_clip)
 
 
-def train_cohort(jobs: list[Job], device: torch.device) -> list[TrainResult]:
-    """Train every job, each group of alike jobs as one stacked computation."""
+def train_cohort(jobs: list[Job], device: torch.device, say: Callable[[str], None]
+                 ) -> list[TrainResult | BaseException]:
+    """Train every job, each group of alike jobs as one stacked computation.
+
+    A group that fails (out of memory, say) writes back nothing; ``say`` tells why and
+    its jobs train one after another on their own paths, so one failure fails only
+    the clients that fail alone too (their exception is their outcome).
+    """
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
         groups[group_key(job)].append(i)
-    results: list[TrainResult | None] = [None] * len(jobs)
+    outcomes: list[TrainResult | BaseException | None] = [None] * len(jobs)
     for members in groups.values():
-        for i, result in zip(members, _Group([jobs[i] for i in members], device).train()):
-            results[i] = result
-    return results  # type: ignore[return-value]
+        try:
+            results: list[TrainResult | BaseException] = list(
+                _Group([jobs[i] for i in members], device).train())
+        except Exception as err:  # pylint: disable=broad-exception-caught
+            say(f"a batch failed ({type(err).__name__}: {err}); its clients train one "
+                "after another")
+            results = [_alone(jobs[i], err) for i in members]
+        for i, outcome in zip(members, results):
+            outcomes[i] = outcome
+    return outcomes  # type: ignore[return-value]
+
+
+def _alone(job: Job, err: Exception) -> TrainResult | BaseException:
+    if job.alone is None:
+        return err
+    try:
+        with threads(1):
+            return job.alone()
+    except Exception as own:  # pylint: disable=broad-exception-caught
+        return own
 
 
 class _Group:
@@ -154,12 +185,14 @@ class _Group:
             self._sgd(grads, k)
             losses[:k] += loss.to(torch.float64)
         self._enforce_masks(len(self.jobs))
-        results = [TrainResult(float(losses[i]) / max(s, 1), len(job.y), s)
+        results = [TrainResult(float(losses[i]) / max(s, 1),
+                               job.dp.records if job.dp else len(job.y), s)
                    for i, (job, s) in enumerate(zip(self.jobs, steps))]
+        trained = {n: p.to("cpu") for n, p in self.params.items()}  # one copy per tensor
         for i, job in enumerate(self.jobs):
             with torch.no_grad():
                 for name, param in job.model.named_parameters():
-                    param.copy_(self.params[name][i].to("cpu"))
+                    param.copy_(trained[name][i])
         back = [None] * len(self.jobs)
         for place, i in enumerate(self.order):
             back[i] = results[place]
@@ -238,8 +271,8 @@ class _Group:
         valid = (rows >= 0).reshape(-1)
         params, copies = {}, {}
         for name, p in self.params.items():
-            if name in self.stacked.linear:
-                params[name] = p[:k]
+            if name in self.stacked.linear:  # its gradient is taken at its output
+                params[name] = p[:k].detach().requires_grad_()
             else:  # one copy per sample: autograd gives each sample's own gradient
                 params[name] = copies[name] = p[:k].detach().repeat_interleave(
                     width, 0).requires_grad_()
@@ -255,14 +288,13 @@ class _Group:
         linear: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for (prefix, inputs, _), out_grad in zip(tape, grads[len(copies):]):
             weight, bias = prefix + "weight", prefix + "bias"
-            if weight in self.keep:  # a mask breaks the outer product's norm: build it
-                full = torch.einsum("kbo,kbi->kboi", out_grad, inputs)
-                full = full * self.keep[weight][:k].unsqueeze(1)
-                squares = squares + full.flatten(2).pow(2).sum(2).reshape(-1)
-                linear[weight] = (full, None)
+            if weight in self.keep:  # ||(g a^T) * M||^2 = sum_oi g_o^2 M_oi a_i^2 (M is 0/1)
+                squares = squares + torch.einsum(
+                    "kbo,koi,kbi->kb", out_grad.pow(2), self.keep[weight][:k],
+                    inputs.pow(2)).reshape(-1)
             else:  # ||g a^T|| = ||g|| ||a||: no per-sample matrix needed
                 squares = squares + (out_grad.pow(2).sum(2) * inputs.pow(2).sum(2)).reshape(-1)
-                linear[weight] = (out_grad, inputs)
+            linear[weight] = (out_grad, inputs)
             if bias in self.params:
                 bias_grad = out_grad * self.keep[bias][:k].unsqueeze(1) if bias in self.keep \
                     else out_grad
@@ -280,6 +312,8 @@ class _Group:
             else:
                 out_grad, inputs = linear[name]
                 summed[name] = torch.bmm((out_grad * factor.unsqueeze(2)).transpose(1, 2), inputs)
+                if name in self.keep:  # the mask applied to each sample's matrix, summed
+                    summed[name] = summed[name] * self.keep[name][:k]
         counts = valid.view(k, width).sum(1)
         loss = (per_sample * valid).view(k, width).sum(1) / counts.clamp(min=1)
         return loss.detach(), summed

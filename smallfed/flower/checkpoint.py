@@ -40,7 +40,7 @@ from flwr.supercore import log
 from google.protobuf.message import DecodeError
 
 from smallfed.codec import parse_codec
-from smallfed.config import Config, ConfigError
+from smallfed.config import RUNNING_KEYS, Config, ConfigError
 
 CHECKPOINT_DIR = "checkpoint"
 FORMAT_VERSION = 2
@@ -206,7 +206,7 @@ def check_resumable(cfg: Config, ckpt: Checkpoint, clients_saved: bool | None = 
         raise ConfigError(f"the checkpoint's configuration no longer loads: {err}") from err
     given = cfg.to_dict()
     differ = sorted(k for k in set(given) | set(saved)
-                    if k not in ("out-dir", "resume") and given.get(k) != saved.get(k))
+                    if k not in RUNNING_KEYS and given.get(k) != saved.get(k))
     if differ:
         changes = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {given.get(k)!r} given"
                             for k in differ[:5])

@@ -49,6 +49,13 @@ class InProcessGrid(Grid):
         ``cohort``, train messages are delivered ``cohort_size`` at a time through it."""
         if node_configs is not None and len(node_configs) != num_nodes:
             raise ValueError(f"{len(node_configs)} node configs for {num_nodes} nodes")
+        if cohort is not None and cohort_size < 1:
+            raise ValueError(f"cohort_size {cohort_size}: a cohort delivers at least 1 message")
+        folders = [c["data-dir"] for c in node_configs or [] if c.get("data-dir")]
+        if cohort is not None and len(set(folders)) < len(folders):
+            # A client holds its folder's ledger lock while it waits for the batch; a
+            # second node of that folder would wait for it before the batch: a deadlock.
+            raise ValueError("two nodes share a data-dir: a cohort needs one folder per node")
         self._client_app = client_app
         self._on_reply = on_reply
         self._run = Run.create_empty(run_id=secrets.randbits(63))

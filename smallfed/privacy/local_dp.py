@@ -225,7 +225,7 @@ def train_private(
 
         # Seeded as Opacus's global generator is in _dp_sgd: the same batches and noise.
         job = Job(model, x, y, cfg, torch.Generator().manual_seed(seed), masks=dict(kept),
-                  dp=DpPlan(noise, rate, int(records * rate)))
+                  dp=DpPlan(noise, rate, int(records * rate), records))
         result = cohort.train(job, sequential)
     return PrivateRound(result, new_history, after, noise)
 
@@ -243,35 +243,37 @@ def _dp_sgd(  # pylint: disable=too-many-arguments
     from smallfed.privacy.secure import use_secure_noise
 
     noise, rate, _ = step
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)  # Poisson sampling and noise draw from torch's generator
-        module = prepare_module(model, grad_sample_mode="hooks")
-        try:
-            private_loader = DPDataLoader(TensorDataset(x, y), sample_rate=rate)
-            optimizer = DPOptimizer(
-                make_optimizer(model, cfg), noise_multiplier=noise, max_grad_norm=cfg.dp_clip,
-                expected_batch_size=int(records * rate))
-            if cfg.dp_secure_rng:
-                private_loader = secure_loader(private_loader)
-                use_secure_noise(optimizer)
-            if outside:
-                optimizer.step_hook = lambda _: project_grads(outside)
-            module.train()
-            total, steps = 0.0, 0
-            for _ in range(cfg.local_epochs):
-                with physical_batches(private_loader, optimizer, cfg.dp_physical_batch) as batches:
-                    for xb, yb in batches:
-                        optimizer.zero_grad(set_to_none=True)
-                        loss = F.cross_entropy(module(xb), yb)
-                        loss.backward()
-                        for param, keep in pruned:
-                            if param.grad_sample is not None:
-                                param.grad_sample.mul_(keep)
-                        optimizer.step()  # a noisy step only at a logical batch's end
-                        total += float(loss.detach()) if len(yb) else 0.0
-                        steps += 1
-        finally:
-            module.remove_hooks()
+    # Poisson sampling and noise draw from one generator of the client's own, never
+    # torch's global one, which other code (model building) seeds with public seeds.
+    generator = torch.Generator().manual_seed(seed)
+    module = prepare_module(model, grad_sample_mode="hooks")
+    try:
+        private_loader = DPDataLoader(TensorDataset(x, y), sample_rate=rate,
+                                      generator=generator)
+        optimizer = DPOptimizer(
+            make_optimizer(model, cfg), noise_multiplier=noise, max_grad_norm=cfg.dp_clip,
+            expected_batch_size=int(records * rate), generator=generator)
+        if cfg.dp_secure_rng:
+            private_loader = secure_loader(private_loader)
+            use_secure_noise(optimizer)
+        if outside:
+            optimizer.step_hook = lambda _: project_grads(outside)
+        module.train()
+        total, steps = 0.0, 0
+        for _ in range(cfg.local_epochs):
+            with physical_batches(private_loader, optimizer, cfg.dp_physical_batch) as batches:
+                for xb, yb in batches:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = F.cross_entropy(module(xb), yb)
+                    loss.backward()
+                    for param, keep in pruned:
+                        if param.grad_sample is not None:
+                            param.grad_sample.mul_(keep)
+                    optimizer.step()  # a noisy step only at a logical batch's end
+                    total += float(loss.detach()) if len(yb) else 0.0
+                    steps += 1
+    finally:
+        module.remove_hooks()
     return TrainResult(total / max(steps, 1), records, steps)
 
 
