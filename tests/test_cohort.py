@@ -222,6 +222,19 @@ def test_unbatchable_features_train_alone_and_say_so_once(
                      for r in together["rounds"]]
 
 
+def test_private_clients_in_a_subspace_train_alone(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """DP-SGD in a shared subspace falls back (from inside train_private) and trains."""
+    cfg = Config(num_server_rounds=1, num_clients=4, clients_per_round=4, seed=7,
+                 batch_size=16, privacy="sample", dp_noise=0.8, subspace=0.5,
+                 fraction_evaluate=0.0, cohort_size=4)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        results = simulate(cfg, tmp_path, progress=False)
+    said = [r.getMessage() for r in caplog.records if "cohort engine" in r.getMessage()]
+    assert len(said) == 1 and "subspace" in said[0]
+    assert results["rounds"][1]["clients"] == 4 and results["rounds"][1]["clients_failed"] == 0
+
+
 def test_cohort_settings_that_cannot_run_fail_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cohort-size"):
         Config(cohort_size=-1)

@@ -89,9 +89,7 @@ class Cohort:
         job.alone = sequential
         reason = refusal(job)
         if reason:
-            self.say(f"{reason}; these clients train one after another")
-            with threads(1):
-                return sequential()
+            return self.alone(reason, sequential)
         slot = _Slot(_local.position, job)
         with self._turn:
             self._waiting.append(slot)
@@ -103,6 +101,12 @@ class Cohort:
             raise slot.error
         assert slot.result is not None
         return slot.result
+
+    def alone(self, reason: str, sequential: Callable[[], TrainResult]) -> TrainResult:
+        """Train one client outside the batch, on one thread, saying once why."""
+        self.say(f"{reason}; these clients train one after another")
+        with threads(1):
+            return sequential()
 
     def say(self, message: str) -> None:
         """Log ``message`` once per cohort (so once per run)."""

@@ -218,8 +218,7 @@ def train_private(
     if cohort is None:
         result = sequential()
     elif outside:
-        with cohort.sequential("a shared subspace is not batched"):
-            result = sequential()
+        result = cohort.alone("a shared subspace is not batched", sequential)
     else:
         from smallfed.cohort.trainer import DpPlan, Job
 
