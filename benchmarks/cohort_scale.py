@@ -31,8 +31,12 @@ def cohorts(device: torch.device, data: list, cfg, base, size: int) -> tuple[lis
     models = [copy.deepcopy(base) for _ in data]
     start = time.perf_counter()
     for first in range(0, len(data), size):
-        train_cohort([Job(models[i], *data[i], cfg, client_generator(cfg.seed, 1, i))
-                      for i in range(first, min(first + size, len(data)))], device)
+        outcomes = train_cohort([Job(models[i], *data[i], cfg, client_generator(cfg.seed, 1, i))
+                                 for i in range(first, min(first + size, len(data)))],
+                                device, print)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:  # out of memory, say: a benchmark must not time a fallback
+            raise failed[0]
     if device.type == "cuda":
         torch.cuda.synchronize()
     return models, time.perf_counter() - start
