@@ -122,8 +122,11 @@ class Cohort:
         self._waiting = []
         from smallfed.cohort.trainer import train_cohort  # pylint: disable=import-outside-toplevel
 
-        with threads(self.threads):
-            outcomes = train_cohort([s.job for s in slots], self.device, self.say)
+        try:  # whatever happens, every waiting call gets an outcome, or it waits forever
+            with threads(self.threads):
+                outcomes: list = train_cohort([s.job for s in slots], self.device, self.say)
+        except Exception as err:  # pylint: disable=broad-exception-caught
+            outcomes = [err] * len(slots)
         for slot, outcome in zip(slots, outcomes):
             if isinstance(outcome, BaseException):
                 slot.error = outcome
