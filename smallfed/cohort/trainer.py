@@ -136,15 +136,16 @@ class _Group:
     def __init__(self, jobs: list[Job], device: torch.device) -> None:
         self.cfg = jobs[0].cfg
         self.device = device
-        self.plans = [self._steps(job) for job in jobs]
-        self.order = sorted(range(len(jobs)), key=lambda i: -self.plans[i])
+        plans = [self._steps(job) for job in jobs]
+        self.order = sorted(range(len(jobs)), key=lambda i: -plans[i])
         self.jobs = [jobs[i] for i in self.order]
+        self.steps = [plans[i] for i in self.order]  # descending: those training are a prefix
         # A copy, moved: fixed layers (the scattering's filters) run on the device too.
         self.stacked = StackedModel(copy.deepcopy(jobs[0].model).to(device))
-        names = [n for n, _ in jobs[0].model.named_parameters()]
+        own = [dict(j.model.named_parameters()) for j in self.jobs]
         self.params: Params = {
-            n: torch.stack([dict(j.model.named_parameters())[n].detach() for j in self.jobs])
-            .to(device) for n in names}
+            n: torch.stack([params[n].detach() for params in own]).to(device)
+            for n, _ in jobs[0].model.named_parameters()}
         self.momentum = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.keep = self._keep()
         mus = [job.proximal_mu for job in self.jobs]
@@ -172,7 +173,7 @@ class _Group:
         return keep
 
     def train(self) -> list[TrainResult]:
-        steps = [self.plans[i] for i in self.order]
+        steps = self.steps
         losses = torch.zeros(len(self.jobs), dtype=torch.float64, device=self.device)
         rows = None if self.jobs[0].dp is not None else self._row_plan(steps)
         for t in range(steps[0] if steps else 0):
@@ -242,7 +243,7 @@ class _Group:
         clipped to dp-clip and summed, its Gaussian noise, divided by its expected batch."""
         samples: list[torch.Tensor] = []
         for c, job in enumerate(self.jobs[:k]):
-            per_epoch = self.plans[self.order[c]] // self.cfg.local_epochs
+            per_epoch = self.steps[c] // self.cfg.local_epochs
             if t % per_epoch == 0:  # a new epoch: DataLoader draws its base seed
                 torch.empty((), dtype=torch.int64).random_(generator=job.generator)
             drawn = torch.rand(len(job.y), generator=job.generator) < job.dp.sample_rate
@@ -256,11 +257,12 @@ class _Group:
                 rows[c, :len(s)] = s
             loss, summed = self._clipped_sums(rows.to(self.device), k, width)
         noisy = []
+        batches = torch.tensor([job.dp.expected_batch_size for job in self.jobs[:k]],
+                               dtype=torch.float32, device=self.device)
         for total in summed.values():
             noise = torch.stack([self._noise(job, total.shape[1:]) for job in self.jobs[:k]])
-            scale = torch.tensor([job.dp.expected_batch_size for job in self.jobs[:k]],
-                                 dtype=total.dtype).view(-1, *[1] * (total.dim() - 1))
-            noisy.append((total + noise.to(self.device)) / scale.to(self.device))
+            scale = batches.view(-1, *[1] * (total.dim() - 1))
+            noisy.append((total + noise.to(self.device)) / scale)
         return loss.detach(), noisy
 
     def _clipped_sums(self, rows: torch.Tensor, k: int, width: int
