@@ -8,10 +8,17 @@ script records
   SuperExec and the ClientApp processes it starts), sampling /proc every 0.2 s;
 - the bytes the SuperNode processes actually sent and received, TLS records and all,
   counted by a TCP relay they connect through, per round (between two checkpoints),
-  against smallfed's own count of the round's bytes (``bytes_up``/``bytes_down``).
+  against smallfed's own count of the round's bytes (``bytes_up``/``bytes_down``)
+  and its wire estimate (``bytes_up_wire_est``/``bytes_down_wire_est``).
 Writes benchmarks/results/deploy_loopback[-TAG].json.
 
     python benchmarks/deploy_loopback.py [--nodes 10] [--rounds 3] [--codec none]
+
+``--fit RUN.json [RUN.json ...]`` solves the wire model's constants
+(smallfed/flower/wire.py) from runs of this script, a dense and a compressed one at
+least: per direction, least squares of the steady rounds' (2 on) measured bytes, less
+payload and the idle polling rate times the round's node-seconds, on requests and
+payload; the join from round 1's remainder.
 """
 
 from __future__ import annotations
@@ -121,7 +128,12 @@ def main() -> None:
     parser.add_argument("--codec", default="none", help="the uplink codec (codec key)")
     parser.add_argument("--idle-s", type=float, default=20.0,
                         help="seconds of idle traffic (heartbeats) measured before the run")
+    parser.add_argument("--fit", nargs="+", metavar="RUN.json",
+                        help="solve the wire model's constants from these results; no run")
     args = parser.parse_args()
+    if args.fit:
+        print(json.dumps(fit([json.loads(Path(f).read_text()) for f in args.fit]), indent=2))
+        return
     tmp = Path(tempfile.mkdtemp(prefix="smallfed-deploy-"))
     cfg = load_config("simulations/mnist.toml", []).replace(num_clients=args.nodes,
                                                             clients_per_round=args.nodes)
@@ -200,11 +212,53 @@ def main() -> None:
         "wire_over_counted_down": [
             round((wire[r][1] - wire[r - 1][1]) / rounds[r]["bytes_down"], 4)
             for r in range(1, args.rounds + 1)],
+        # smallfed's wire estimate of each round (smallfed/flower/wire.py), and what it
+        # was made from; est over measured: 1.0 is exact.
+        "wire_est_up_per_round": [r["bytes_up_wire_est"] for r in rounds[1:]],
+        "wire_est_down_per_round": [r["bytes_down_wire_est"] for r in rounds[1:]],
+        "wire_est_over_measured_up": [
+            round(rounds[r]["bytes_up_wire_est"] / (wire[r][0] - wire[r - 1][0]), 4)
+            for r in range(1, args.rounds + 1)],
+        "wire_est_over_measured_down": [
+            round(rounds[r]["bytes_down_wire_est"] / (wire[r][1] - wire[r - 1][1]), 4)
+            for r in range(1, args.rounds + 1)],
+        "messages_per_round": [[r["messages_down"], r["messages_up"]] for r in rounds[1:]],
+        "objects_per_round": [[r["objects_down"], r["objects_up"]] for r in rounds[1:]],
+        "wire_model": results["summary"]["wire_model"],
     }
     print(json.dumps(report, indent=2))
     tag = "" if args.codec == "none" else "-" + "".join(c if c.isalnum() else "_" for c in args.codec)
     Path(f"benchmarks/results/deploy_loopback{tag}.json").write_text(
         json.dumps(report, indent=2) + "\n")
+
+
+def fit(runs: list[dict]) -> dict[str, float]:
+    """The wire model's constants from runs of this script (see the module's docstring)."""
+    import numpy as np
+
+    constants: dict[str, float] = {}
+    for way, side in (("up", 1), ("down", 0)):
+        rows, joins = [], []
+        poll = float(np.mean([r["idle_wire_bytes_per_s_all_nodes"][side] / r["nodes"]
+                              for r in runs]))  # per node
+        constants[f"poll_{way}"] = round(poll, 1)
+        for run in runs:
+            nodes, seconds = run["nodes"], run["wall_time_per_round_s"]
+            for i, wire in enumerate(run[f"wire_bytes_{way}_per_round"]):
+                payload = run[f"bytes_{way}_per_round"][i]
+                requests = sum(run["objects_per_round"][i]) + sum(run["messages_per_round"][i])
+                rest = wire - payload - poll * seconds[i] * nodes
+                (joins if i == 0 else rows).append((requests, payload, rest))
+        (request, framing), *_ = np.linalg.lstsq(
+            np.array([[q, p] for q, p, _ in rows], float), np.array([r for *_, r in rows]),
+            rcond=None)
+        constants[f"request_{way}"], constants[f"framing_{way}"] = round(request, 1), round(
+            framing, 4)
+        # Round 1's remainder beyond the model, per node: registering and the FAB.
+        constants[f"join_{way}"] = round(max(0.0, float(np.mean(
+            [(r - request * q - framing * p) / run["nodes"] for (q, p, r), run in zip(joins, runs)]
+        ))), 1)
+    return constants
 
 
 if __name__ == "__main__":

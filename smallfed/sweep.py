@@ -60,6 +60,8 @@ SWEEP_FIELDS = ("point", "seed", "final_accuracy", "best_accuracy", "total_bytes
 # Last, so that readers by position find the columns they knew: the Ray node a point
 # ran on (hostname, Ray node id); empty for a point run locally.
 NODE_FIELDS = ("node", "node_id")
+# After them: the wire estimate (issue 19; empty for results from before it).
+WIRE_FIELDS = ("total_bytes_up_wire_est", "compression_ratio_up_wire_est")
 NODE_FILE = "node.json"  # in a point's folder: the Ray node it ran on
 
 Results = dict[str, dict[str, Any] | None]  # point name -> results.json, None: not run
@@ -381,7 +383,8 @@ def write_table(sweep: Sweep, results: Results) -> Path:
     sweep.out.mkdir(parents=True, exist_ok=True)
     table = sweep.out / "sweep.csv"
     with open(table, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*sweep.axes, *SWEEP_FIELDS, *NODE_FIELDS])
+        writer = csv.DictWriter(fh, fieldnames=[*sweep.axes, *SWEEP_FIELDS, *NODE_FIELDS,
+                                                *WIRE_FIELDS])
         writer.writeheader()
         for point in sweep.points:
             if results.get(point.name) is None:
@@ -390,5 +393,6 @@ def write_table(sweep: Sweep, results: Results) -> Path:
             node = ran_on(sweep, point)
             writer.writerow({**point.options, "point": point.name, "seed": point.seed,
                              **{k: summary.get(k) for k in SWEEP_FIELDS[2:]},
-                             **{k: node.get(k, "") for k in NODE_FIELDS}})
+                             **{k: node.get(k, "") for k in NODE_FIELDS},
+                             **{k: summary.get(k) for k in WIRE_FIELDS}})
     return table

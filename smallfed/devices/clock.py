@@ -5,6 +5,9 @@ A client's round takes (all from its profile and what it really did)
     2 x latency + 8 x bytes received / downlink + training FLOPs / train_flops
     + 8 x bytes sent / uplink
 
+where the bytes are the wire estimate when the server layer gives one (the payload,
+the transport's requests and framing, and a node's one-off join: see
+:mod:`smallfed.flower.wire`), and the payload alone otherwise.
 where training FLOPs = 6 x MACs a sample x local epochs x the samples it reported.
 Before the round, each sampled device is online with its profile's availability
 (drawn from ``(seed, round, partition)``); offline ones are never sent a message.
@@ -33,6 +36,8 @@ class ClientTime:
     status: str  # finished, declined, dropped (past the deadline), offline, failed
     bytes_down: int
     bytes_up: int
+    bytes_down_wire_est: int
+    bytes_up_wire_est: int
     compute_s: float
     transfer_s: float
     total_s: float
@@ -51,6 +56,7 @@ class Arrival:
     bytes_up: int
     examples: float
     declined: bool = False
+    wire: tuple[float, float] | None = None  # (down, up) bytes of sending the reply
 
 
 @dataclass
@@ -69,7 +75,7 @@ class RoundClock:
         self.flops_per_sample = flops_per_sample
         self.rows: list[ClientTime] = []
         self.last = RoundTime()
-        self._down: dict[int, int] = {}  # node id -> bytes sent to it this round
+        self._down: dict[int, tuple[int, float, float]] = {}  # node -> payload, wire down, up
 
     def online(self, server_round: int, nodes: list[int], partition_of: dict[int, int]
                ) -> list[int]:
@@ -84,13 +90,16 @@ class RoundClock:
                 kept.append(node)
                 continue
             self.last.offline += 1
-            self.rows.append(ClientTime(server_round, pid, profile.name, "offline", 0, 0,
+            self.rows.append(ClientTime(server_round, pid, profile.name, "offline", 0, 0, 0, 0,
                                         0.0, 0.0, 0.0))
         return kept
 
-    def sent(self, bytes_down: dict[int, int]) -> None:
-        """Bytes each node was sent this round."""
-        self._down = dict(bytes_down)
+    def sent(self, bytes_down: dict[int, int],
+             wire: dict[int, tuple[float, float]] | None = None) -> None:
+        """Bytes each node was sent this round, and what receiving them cost on the wire
+        (down, up); without ``wire`` the payload alone is charged."""
+        self._down = {node: (size, *(wire[node] if wire else (size, 0.0)))
+                      for node, size in bytes_down.items()}
 
     def finish(self, server_round: int, arrivals: list[Arrival]) -> set[int]:
         """The nodes whose replies arrive before the deadline; the round's time and rows."""
@@ -101,17 +110,20 @@ class RoundClock:
             if profile is None:
                 kept.add(arrival.node)
                 continue
-            down = self._down.get(arrival.node, 0)
+            down, wire_down, wire_up = self._down.get(arrival.node, (0, 0.0, 0.0))
+            reply_down, reply_up = arrival.wire or (0.0, arrival.bytes_up)
+            wire_down, wire_up = wire_down + reply_down, wire_up + reply_up
             compute = (self.flops_per_sample * self.cfg.local_epochs * max(arrival.examples, 0.0)
                        / profile.train_flops)
-            transfer = (2 * profile.latency_s + 8 * down / profile.downlink_bps
-                        + 8 * arrival.bytes_up / profile.uplink_bps)
+            transfer = (2 * profile.latency_s + 8 * wire_down / profile.downlink_bps
+                        + 8 * wire_up / profile.uplink_bps)
             total = compute + transfer
             late = deadline > 0 and total > deadline and not arrival.failed
             status = ("failed" if arrival.failed else "dropped" if late
                       else "declined" if arrival.declined else "finished")
             self.rows.append(ClientTime(server_round, arrival.partition, profile.name, status,
-                                        down, arrival.bytes_up, round(compute, 6),
+                                        down, arrival.bytes_up, round(wire_down),
+                                        round(wire_up), round(compute, 6),
                                         round(transfer, 6), round(total, 6)))
             if late:
                 self.last.dropped += 1

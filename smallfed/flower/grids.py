@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from smallfed.flower.records import message_array_bytes
+from smallfed.flower.wire import MODEL, WireModel, message_objects
 
 
 @dataclass
 class Traffic:
-    """Bytes of arrays sent down to clients and up from them, and the messages counted."""
+    """Bytes of arrays sent down to clients and up from them, the messages and Flower
+    objects counted, and the wire estimate of the messages (polling is the round's:
+    see :func:`smallfed.flower.wire`)."""
 
     bytes_down: int = 0
     bytes_up: int = 0
     messages_down: int = 0
     messages_up: int = 0
+    objects_down: int = 0
+    objects_up: int = 0
+    wire_down: float = 0.0
+    wire_up: float = 0.0
+    nodes: set[int] = field(default_factory=set)  # nodes sent a message
+
+
+def simulated_grid(grid: Grid) -> bool:
+    """Whether ``grid`` reaches simulated nodes (smallfed's in-process engine, Flower's
+    Ray engine) rather than a deployment's SuperNodes."""
+    while isinstance(grid, ForwardingGrid):
+        grid = grid._grid  # pylint: disable=protected-access
+    return isinstance(grid, InMemoryGrid) or getattr(grid, "simulated", False)
 
 
 class ForwardingGrid(Grid):
@@ -59,12 +76,15 @@ class MeteredGrid(ForwardingGrid):
     """A Grid that forwards to another and counts each message's serialized array bytes.
 
     Counting at the Grid, not in the strategy, sees every message the strategy sends
-    (train, evaluate, queries) on the in-process, Ray and deployment Grids alike.
+    (train, evaluate, queries) on the in-process, Ray and deployment Grids alike. Each
+    message is also charged to the wire estimate, and a node's first message its join.
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, wire: WireModel = MODEL) -> None:
         super().__init__(grid)
         self._traffic = Traffic()
+        self.wire = wire
+        self._joined: set[int] = set()
 
     def take(self) -> Traffic:
         """The traffic since the last call, and start counting afresh."""
@@ -73,13 +93,28 @@ class MeteredGrid(ForwardingGrid):
 
     def _count(self, messages: Iterable[Message], up: bool) -> list[Message]:
         messages = list(messages)
-        size = sum(message_array_bytes(msg) for msg in messages)
+        traffic = self._traffic
+        for msg in messages:
+            size, objects = message_array_bytes(msg), message_objects(msg)
+            wire_down, wire_up = (self.wire.up if up else self.wire.down)(size, objects)
+            traffic.wire_down += wire_down
+            traffic.wire_up += wire_up
+            if up:
+                traffic.bytes_up += size
+                traffic.objects_up += objects
+                continue
+            traffic.bytes_down += size
+            traffic.objects_down += objects
+            node = msg.metadata.dst_node_id
+            traffic.nodes.add(node)
+            if node not in self._joined:
+                self._joined.add(node)
+                traffic.wire_down += self.wire.join_down
+                traffic.wire_up += self.wire.join_up
         if up:
-            self._traffic.bytes_up += size
-            self._traffic.messages_up += len(messages)
+            traffic.messages_up += len(messages)
         else:
-            self._traffic.bytes_down += size
-            self._traffic.messages_down += len(messages)
+            traffic.messages_down += len(messages)
         return messages
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

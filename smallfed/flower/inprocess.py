@@ -34,6 +34,8 @@ ReplyHook = Callable[[Message], None]
 class InProcessGrid(Grid):
     """A Grid over ``num_nodes`` virtual SuperNodes that run ``client_app`` in this process."""
 
+    simulated = True  # no transport: see smallfed.flower.grids.simulated_grid
+
     def __init__(
         self,
         client_app: ClientApp,

@@ -13,12 +13,21 @@ Schema version 1 (README "Results"):
   over every client that has trained so far; null without DP), ``wall_time_s``
   (seconds the round took) and, with device simulation (``devices``), ``sim_time_s``
   (the round's simulated duration), ``clients_finished``, ``clients_dropped`` (past
-  the deadline) and ``clients_offline`` (null and 0 without it).
+  the deadline) and ``clients_offline`` (null and 0 without it); ``bytes_up_wire_est``
+  and ``bytes_down_wire_est``, what the round's messages would cost a deployment on
+  the wire (payload, Flower's requests and framing, the nodes' polling for the round's
+  duration and each node's one-off join; :mod:`smallfed.flower.wire`), and the
+  ``messages_up``/``messages_down`` and ``objects_up``/``objects_down`` (Flower objects,
+  one request each) that estimate is made from.
 * ``summary``: ``final_accuracy``, ``best_accuracy``, ``total_bytes_up``,
   ``total_bytes_down``, ``dense_bytes_up`` (what the aggregated updates, and the
   stragglers' dropped ones, would have cost as dense fp32 arrays), ``dense_bytes_down`` (the same for the models sent to
   the sampled clients), ``compression_ratio_up`` (dense_bytes_up / total_bytes_up),
-  ``compression_ratio_down``, ``epsilon`` and ``delta`` (the run's privacy guarantee;
+  ``compression_ratio_down``, ``total_bytes_up_wire_est``, ``total_bytes_down_wire_est``,
+  ``dense_bytes_up_wire_est`` (the same run with dense fp32 updates, on the wire),
+  ``compression_ratio_up_wire_est`` (dense_bytes_up_wire_est / total_bytes_up_wire_est),
+  ``wire_model`` (the estimate's constants and the Flower version they were measured
+  with), ``epsilon`` and ``delta`` (the run's privacy guarantee;
   null without DP), ``model_params``, ``model_fp32_bytes``, ``wall_time_s``,
   ``sim_time_s`` (total simulated time) and ``sim_time_to_target_s`` (simulated time
   until ``target-accuracy`` was first reached; null if never, or without devices), and
@@ -55,7 +64,8 @@ ROUND_FIELDS = (
     "round", "accuracy", "loss", "bytes_up", "bytes_down", "clients", "clients_failed",
     "updates_rejected", "clients_declined", "epsilon", "epsilon_mean", "wall_time_s",
     "sim_time_s", "clients_finished", "clients_dropped", "clients_offline", "updates_clipped",
-    "rolled_back", "secagg_bytes_up", "secagg_bytes_down",
+    "rolled_back", "secagg_bytes_up", "secagg_bytes_down", "bytes_up_wire_est",
+    "bytes_down_wire_est", "messages_up", "messages_down", "objects_up", "objects_down",
 )
 
 
@@ -82,6 +92,13 @@ class RoundRecord:
     # Secure aggregation's own traffic (keys, shares, unmasking), included in bytes_up/down.
     secagg_bytes_up: int = 0
     secagg_bytes_down: int = 0
+    # The transport's estimated bytes (smallfed.flower.wire): payload, requests, polling.
+    bytes_up_wire_est: int = 0
+    bytes_down_wire_est: int = 0
+    messages_up: int = 0
+    messages_down: int = 0
+    objects_up: int = 0  # Flower objects the messages travelled as: one request each
+    objects_down: int = 0
 
 
 @dataclass
@@ -94,6 +111,7 @@ class RunRecorder:
     dense_bytes_per_update: int
     delta: float | None = None
     target_accuracy: float = 1.0
+    wire_model: dict[str, Any] | None = None  # the constants of the wire estimate
     rounds: list[RoundRecord] = field(default_factory=list)
     privacy: dict[str, Any] | None = None  # summary's privacy block, refreshed each round
     secure_aggregation: dict[str, Any] | None = None  # summary's block: bits, coordinates, ...
@@ -111,6 +129,10 @@ class RunRecorder:
         self._last = now
         self.rounds.append(record)
         return record
+
+    def since_last(self) -> float:
+        """Seconds since the last round was recorded (or the recorder was made)."""
+        return time.perf_counter() - self._last
 
     def add_clients(self, out_dir: str | Path, rows: list[dict[str, Any]]) -> None:
         """Append a round's rows to ``out_dir/clients.csv`` (a new file for the first)."""
@@ -164,6 +186,11 @@ class RunRecorder:
         down = sum(r.bytes_down for r in self.rounds)
         dense_up = updates * self.dense_bytes_per_update
         dense_down = self.models_sent * self.dense_bytes_per_update
+        wire_up = sum(r.bytes_up_wire_est for r in self.rounds)
+        # Dense on the wire: the same run with each update's payload dense fp32 (framing
+        # included; requests and polling as they were).
+        framing = (self.wire_model or {}).get("framing_up", 0.0)
+        dense_wire_up = wire_up + (1 + framing) * (dense_up - up)
         summary = {
             "final_accuracy": final.accuracy if final else None,
             "best_accuracy": max((r.accuracy for r in self.rounds), default=None),
@@ -173,6 +200,11 @@ class RunRecorder:
             "dense_bytes_down": dense_down,
             "compression_ratio_up": round(dense_up / up, 3) if up else None,
             "compression_ratio_down": round(dense_down / down, 3) if down else None,
+            "total_bytes_up_wire_est": wire_up,
+            "total_bytes_down_wire_est": sum(r.bytes_down_wire_est for r in self.rounds),
+            "dense_bytes_up_wire_est": round(dense_wire_up),
+            "compression_ratio_up_wire_est": round(dense_wire_up / wire_up, 3) if wire_up else None,
+            "wire_model": self.wire_model,
             "epsilon": final.epsilon if final else None,
             "delta": self.delta,
             "privacy": self.privacy,

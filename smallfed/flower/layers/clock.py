@@ -4,12 +4,14 @@ The arithmetic lives in :class:`smallfed.devices.RoundClock`; this layer applies
 to a round. Of the nodes the sampling layer chose, only those online (drawn from
 their device's availability) are shown to the layers below and sent a message; a
 reply whose simulated time passes ``round-deadline-s`` is a straggler's and is dropped
-before anything else looks at it.
+before anything else looks at it. A device is charged the wire estimate of its
+messages (:mod:`smallfed.flower.wire`), and its join in the first round it is sent one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -22,6 +24,7 @@ from smallfed.flower.layers.base import Layer
 from smallfed.flower.layers.sampling import Partitions, VisibleNodes
 from smallfed.flower.layers.validate import positive_number
 from smallfed.flower.records import METRICS_KEY, NUM_EXAMPLES_KEY, message_array_bytes
+from smallfed.flower.wire import MODEL, WireModel, message_objects
 
 
 class DeviceClock(Layer):
@@ -29,16 +32,19 @@ class DeviceClock(Layer):
 
     def __init__(self, strategy: Strategy, clock: RoundClock, partitions: Partitions,
                  extra_bytes: Callable[[int], tuple[int, int]] | None = None,
-                 examples_of: Callable[[int], int | None] | None = None) -> None:
+                 examples_of: Callable[[int], int | None] | None = None,
+                 wire: WireModel = MODEL) -> None:
         """``extra_bytes(node)``: (down, up) bytes the node exchanged this round besides
-        the train message and reply (secure aggregation's keys and shares);
-        ``examples_of(node)``: its example count where replies carry none (secure
-        aggregation's replies count 1)."""
+        the train message and reply (secure aggregation's keys and shares, charged as
+        payload); ``examples_of(node)``: its example count where replies carry none
+        (secure aggregation's replies count 1)."""
         super().__init__(strategy)
         self.clock = clock
         self.partitions = partitions
         self.extra_bytes = extra_bytes or (lambda node: (0, 0))
         self.examples_of = examples_of
+        self.wire = wire
+        self._joined: set[int] = set()  # partitions sent a message before: no second join
 
     def describe(self) -> str:
         deadline = self.clock.cfg.round_deadline_s
@@ -51,9 +57,27 @@ class DeviceClock(Layer):
         online = self.clock.online(server_round, list(grid.get_node_ids()), self.partitions.of)
         messages = list(self.strategy.configure_train(
             server_round, arrays, config, VisibleNodes(grid, online)))
-        self.clock.sent({m.metadata.dst_node_id: message_array_bytes(m)
-                         + self.extra_bytes(m.metadata.dst_node_id)[0] for m in messages})
+        sizes = {m.metadata.dst_node_id: message_array_bytes(m)
+                 + self.extra_bytes(m.metadata.dst_node_id)[0] for m in messages}
+        self.clock.sent(sizes, {m.metadata.dst_node_id: self._receiving(m, sizes)
+                                for m in messages})
         return messages
+
+    def _receiving(self, message: Message, sizes: dict[int, int]) -> tuple[float, float]:
+        """(down, up) wire bytes of a node receiving its train message, joining first."""
+        node = message.metadata.dst_node_id
+        down, up = self.wire.down(sizes[node], message_objects(message))
+        partition = self.partitions.of.get(node, -1)
+        if partition not in self._joined:
+            self._joined.add(partition)
+            down, up = down + self.wire.join_down, up + self.wire.join_up
+        return down, up
+
+    def state(self) -> dict[str, Any]:
+        return {"joined": sorted(self._joined)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._joined = {int(p) for p in state.get("joined", [])}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -76,9 +100,9 @@ class DeviceClock(Layer):
         node = reply.metadata.src_node_id
         if self.examples_of is not None and not declined:
             examples = float(self.examples_of(node) or 0)
-        return Arrival(node, self.partitions.of.get(node, -1), reply.has_error(),
-                       message_array_bytes(reply) + self.extra_bytes(node)[1], examples,
-                       declined)
+        size = message_array_bytes(reply) + self.extra_bytes(node)[1]
+        return Arrival(node, self.partitions.of.get(node, -1), reply.has_error(), size,
+                       examples, declined, self.wire.up(size, message_objects(reply)))
 
     def take_rows(self) -> list[ClientTime]:
         """The clients.csv rows of the rounds since the last call, in a fixed order."""
