@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 # Keys that say where and how a run executes, not what it computes: a checkpoint
 # resumes, and a sweep point counts as finished, whatever they were.
 RUNNING_KEYS = frozenset({"out-dir", "resume", "device", "cohort-size", "ray-address",
-                          "client-gpus"})
+                          "client-gpus", "tracker"})
 
 
 def _key(
@@ -330,6 +330,12 @@ class Config:
     out_dir: str = _key(
         "", "Where results.json and rounds.csv go when run by `flwr run` (--out wins)."
     )
+    tracker: str = _key(
+        "none", "Also send every round's metrics and the summary to an experiment tracker: "
+        "tensorboard (event files in OUT/tensorboard; pip install \"smallfed[tensorboard]\"), "
+        "wandb or mlflow (their own settings and environment variables apply). A tracker "
+        "that fails mid-run warns and stops; results.json stays the record.",
+        choices=("none", "tensorboard", "wandb", "mlflow"))
 
     def __post_init__(self) -> None:
         if self.dp_accountant == "gdp":

@@ -32,6 +32,7 @@ from smallfed.flower.inprocess import InProcessGrid
 from smallfed.flower.server import RoundHook, build_server_app, refuse_finished
 from smallfed.privacy import check_privacy_config
 from smallfed.report.results import RoundRecord
+from smallfed.report.trackers import check_tracker
 
 
 class RoundProgress:
@@ -82,6 +83,7 @@ def simulate(  # pylint: disable=too-many-arguments
     the configured strategy under the server's layers.
     """
     check_privacy_config(cfg, check_data_config(cfg))
+    check_tracker(cfg.tracker)
     if cfg.cohort_size > 1 and cfg.backend == "inprocess":
         resolve_device(cfg.device)  # a missing GPU fails here, before any work
     out = Path(out_dir)

@@ -27,7 +27,7 @@ from smallfed.data import FederatedData, federated_data
 from smallfed.flower.checkpoint import CHECKPOINT_DIR, Checkpoint, check_resumable, out_dir_lock
 from smallfed.flower.checkpoint import load as load_checkpoint
 from smallfed.flower.checkpoint import save as save_checkpoint
-from smallfed.flower.grids import MeteredGrid
+from smallfed.flower.grids import MeteredGrid, simulated_grid
 from smallfed.flower.records import (
     load_record,
     model_config,
@@ -49,6 +49,7 @@ from smallfed.flower.layers import (
 from smallfed.models import build_model, model_report
 from smallfed.privacy import NEIGHBOURING, check_privacy_config
 from smallfed.report.results import RoundRecord, RunRecorder
+from smallfed.report.trackers import open_tracker
 from smallfed.training import evaluate
 
 RoundHook = Callable[[RoundRecord, int], None]
@@ -164,12 +165,13 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
         config=cfg.to_dict(), model_params=report.params, model_fp32_bytes=report.fp32_bytes,
         dense_bytes_per_update=dense,
         delta=cfg.dp_delta if cfg.privacy != "none" else None,
-        target_accuracy=cfg.target_accuracy,
+        target_accuracy=cfg.target_accuracy, wire_model=metered.wire.block(),
     )
     if resume is not None:
         restore_stack(strategy, resume.server["layers"])
         recorder.restore(resume.server["recorder"], out)
         log(INFO, "smallfed: resuming %s after round %d of %d", out, done, cfg.num_server_rounds)
+    tracker = open_tracker(cfg, out)  # closed below, however the run ends
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         server_round += done
@@ -182,6 +184,12 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
         stats = round_stats(strategy) if server_round > 0 else RoundStats()
         spent = stack_epsilon(strategy) or (
             (0.0, 0.0) if cfg.privacy != "none" else (None, None))
+        # The nodes poll for as long as the round takes: its simulated time on devices,
+        # its real time on a deployment; a simulation's own time says nothing of a
+        # deployment's (and would make its results depend on the machine): none.
+        seconds = (stats.sim_time_s or 0.0) if clock is not None else (
+            0.0 if simulated_grid(grid) else recorder.since_last())
+        poll_down, poll_up = metered.wire.polling(seconds * len(traffic.nodes))
         record = recorder.add(
             round=server_round, accuracy=accuracy, loss=loss, bytes_up=traffic.bytes_up,
             bytes_down=traffic.bytes_down, clients=stats.aggregated,
@@ -192,6 +200,10 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
             clients_offline=stats.offline, updates_clipped=stats.clipped,
             rolled_back=stats.rolled_back, secagg_bytes_up=stats.secagg_bytes_up,
             secagg_bytes_down=stats.secagg_bytes_down,
+            bytes_up_wire_est=round(traffic.wire_up + poll_up),
+            bytes_down_wire_est=round(traffic.wire_down + poll_down),
+            messages_up=traffic.messages_up, messages_down=traffic.messages_down,
+            objects_up=traffic.objects_up, objects_down=traffic.objects_down,
         )
         recorder.privacy = privacy_block(cfg, strategy)
         if secure is not None:
@@ -201,6 +213,7 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
             if cfg.privacy != "user" or cfg.dp_publish_sample:
                 recorder.add_clients(out, rows)
         recorder.write(out)  # the finished rounds are on disk if the run is stopped
+        tracker.log_round(asdict(record))
         save_checkpoint(out, Checkpoint(
             round=server_round, config=cfg.to_dict(), global_arrays=record_arrays(arrays),
             server={"layers": stack_state(strategy), "recorder": recorder.state()},
@@ -214,12 +227,16 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
 
     started = time.perf_counter()
     shape = model_config(dataset.input_shape, dataset.num_classes)
-    strategy.start(
-        grid=metered, initial_arrays=initial, num_rounds=cfg.num_server_rounds - done,
-        timeout=ROUND_TIMEOUT_S, train_config=ConfigRecord({"lr": cfg.lr, **shape}),
-        evaluate_config=ConfigRecord(shape), evaluate_fn=evaluate_fn,
-    )
-    recorder.write(out)
+    try:
+        strategy.start(
+            grid=metered, initial_arrays=initial, num_rounds=cfg.num_server_rounds - done,
+            timeout=ROUND_TIMEOUT_S, train_config=ConfigRecord({"lr": cfg.lr, **shape}),
+            evaluate_config=ConfigRecord(shape), evaluate_fn=evaluate_fn,
+        )
+        recorder.write(out)
+        tracker.log_summary(recorder.results()["summary"])
+    finally:
+        tracker.close()
     log(INFO, "smallfed: results in %s (%.1f s)", out.resolve(), time.perf_counter() - started)
     return out
 
