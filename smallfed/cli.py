@@ -164,9 +164,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from smallfed.report.compare import sweep_folder, write_comparison
     from smallfed.report.tradeoff import write_report
 
-    Console().print(f"report: {write_report(args.dir)}")
+    sweep = sweep_folder(args.paths)  # refuses a bad mix before anything is written
+    if sweep is not None:
+        report = write_report(sweep, args.out).path
+    else:
+        report = write_comparison(args.paths, args.out or "report").path
+    Console().print(f"report: {report}")
     return 0
 
 
@@ -270,8 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "address); replaces the sweep file's ray-address")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     sweep.set_defaults(func=cmd_sweep)
-    report = sub.add_parser("report", help="trade-off plots and report.md of a sweep")
-    report.add_argument("dir", help="the sweep's out folder")
+    report = sub.add_parser("report", help="a sweep's trade-off plots and report.md, or "
+                            "several runs' accuracy curves in one figure and compare.md")
+    report.add_argument("paths", nargs="+", metavar="PATH",
+                        help="one sweep's out folder (with sweep.csv), or one or more run "
+                        "folders (each with results.json)")
+    report.add_argument("--out", help="folder to write into (default: the sweep's folder for "
+                        "a sweep, ./report for runs)")
     report.set_defaults(func=cmd_report)
     deploy = sub.add_parser("deploy", help="certificates, node keys and the SuperLink")
     actions = deploy.add_subparsers(dest="action", required=True)

@@ -78,7 +78,8 @@ def test_a_small_sweep_runs_resumes_and_reports(tmp_path: Path) -> None:
     assert (out / "accuracy_vs_time.png").is_file()
     assert not (out / "accuracy_vs_epsilon.png").exists()  # no private point
     report = (out / "report.md").read_text()
-    assert "![upload bytes (total)](accuracy_vs_bytes.png)" in report
+    assert "![Final accuracy against upload bytes](accuracy_vs_bytes.png)" in report
+    assert (out / "accuracy_vs_bytes.pdf").read_bytes()[:4] == b"%PDF"
 
 
 def test_a_bad_point_fails_before_any_run(tmp_path: Path) -> None:

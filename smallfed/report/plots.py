@@ -5,30 +5,46 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only; no display on servers and boards
-import matplotlib.pyplot as plt  # noqa: E402
+from smallfed.report.style import figure, paper, save
+
+
+def privacy_text(config: dict[str, Any]) -> str:
+    """The run's privacy in a few words: the guarantee it aimed at, or its noise."""
+    level = config.get("privacy", "none")
+    if level == "none":
+        return "no DP"
+    target = config.get("dp-target-epsilon", 0.0)
+    aim = f"target epsilon {target:g}" if target else f"noise {config.get('dp-noise', 1.0):g}"
+    return f"{level}-level DP, {aim}, delta {config.get('dp-delta', 1e-5):g}"
+
+
+def run_title(config: dict[str, Any]) -> str:
+    """What a run was, on two lines: what learned what, and how updates were sent."""
+    return (f"{config['model']} on {config['dataset']}, {config['num-clients']} clients, "
+            f"{config['strategy']}\ncodec {config.get('codec', 'none')}, "
+            f"{privacy_text(config)}")
 
 
 def plot_rounds(results: dict[str, Any], path: str | Path) -> Path:
-    """Held-out accuracy and cumulative upload bytes per round, as a PNG."""
+    """Held-out accuracy and cumulative upload bytes per round, as a PNG and a PDF
+    beside it; the PNG's path."""
     rounds = results["rounds"]
     x = [r["round"] for r in rounds]
     uploaded, total = [], 0
     for r in rounds:
         total += r["bytes_up"]
         uploaded.append(total / 1e6)
-    fig, (acc_ax, bytes_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
-    acc_ax.plot(x, [r["accuracy"] for r in rounds], marker="o", ms=3)
-    acc_ax.set(xlabel="round", ylabel="held-out accuracy", ylim=(0, 1))
-    bytes_ax.plot(x, uploaded, marker="o", ms=3, color="tab:orange")
-    bytes_ax.set(xlabel="round", ylabel="uploaded (MB, cumulative)")
-    cfg = results["config"]
-    fig.suptitle(f"{cfg['model']} on {cfg['dataset']}, {cfg['num-clients']} clients, "
-                 f"{cfg['strategy']}")
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    with paper():
+        fig = figure(figsize=(6.5, 3.2))
+        acc_ax, bytes_ax = fig.subplots(1, 2)
+        acc_ax.plot(x, [r["accuracy"] for r in rounds], marker="o", ms=3)
+        acc_ax.set(xlabel="round", ylabel="held-out accuracy", ylim=(0, 1))
+        bytes_ax.plot(x, uploaded, marker="o", ms=3, color="tab:orange")
+        bytes_ax.set(xlabel="round", ylabel="uploaded, cumulative (MB)")
+        for ax in (acc_ax, bytes_ax):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
+        fig.suptitle(run_title(results["config"]))
+        png, _ = save(fig, Path(path))
+    return png
