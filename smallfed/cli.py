@@ -99,7 +99,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return INTERRUPTED
     print_rounds(results, console)
     plot_rounds(results, out / "accuracy.png")
-    console.print(f"results: {out / 'results.json'}, {out / 'rounds.csv'}, {out / 'accuracy.png'}")
+    console.print(f"results: {out / 'results.json'}, {out / 'rounds.csv'}, {out / 'accuracy.png'} "
+                  "(and .pdf)")
     if cfg.export != "none":
         report = json.loads((out / f"model{'.int8' if cfg.export == 'int8' else ''}.json")
                             .read_text())

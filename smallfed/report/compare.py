@@ -95,8 +95,8 @@ def markdown(runs: list[Run], keys: list[str], shared: str) -> str:
              f"{shared}.", "", "![Held-out accuracy per round](compare.png)", "",
              "Vector version: [compare.pdf](compare.pdf).", "",
              "| run | " + "".join(f"{k} | " for k in keys)
-             + "final accuracy | total_bytes_up | epsilon |",
-             "|---|" + "---|" * len(keys) + "---:|---:|---:|"]
+             + "final accuracy | total_bytes_up | total_bytes_up_wire_est | epsilon |",
+             "|---|" + "---|" * len(keys) + "---:|---:|---:|---:|"]
     for run in runs:
         s = run.summary
         epsilon = cell(s.get("epsilon"), ".3g")
@@ -104,7 +104,8 @@ def markdown(runs: list[Run], keys: list[str], shared: str) -> str:
             epsilon += f" (delta {s['delta']:g})"
         lines.append(f"| {run.path} | " + "".join(f"{shown(run.config.get(k))} | " for k in keys)
                      + f"{cell(s.get('final_accuracy'), '.4f')} | "
-                     f"{cell(s.get('total_bytes_up'), ',')} | {epsilon} |")
+                     f"{cell(s.get('total_bytes_up'), ',')} | "
+                     f"{cell(s.get('total_bytes_up_wire_est'), ',')} | {epsilon} |")
     return "\n".join([*lines, ""])
 
 

@@ -27,21 +27,31 @@ def run_title(config: dict[str, Any]) -> str:
             f"{privacy_text(config)}")
 
 
+def cumulative_mb(rounds: list[dict[str, Any]], key: str) -> list[float]:
+    """A per-round byte count summed over the rounds so far, in MB."""
+    out, total = [], 0
+    for r in rounds:
+        total += r[key]
+        out.append(total / 1e6)
+    return out
+
+
 def plot_rounds(results: dict[str, Any], path: str | Path) -> Path:
     """Held-out accuracy and cumulative upload bytes per round, as a PNG and a PDF
     beside it; the PNG's path."""
     rounds = results["rounds"]
     x = [r["round"] for r in rounds]
-    uploaded, total = [], 0
-    for r in rounds:
-        total += r["bytes_up"]
-        uploaded.append(total / 1e6)
     with paper():
         fig = figure(figsize=(6.5, 3.2))
         acc_ax, bytes_ax = fig.subplots(1, 2)
         acc_ax.plot(x, [r["accuracy"] for r in rounds], marker="o", ms=3)
         acc_ax.set(xlabel="round", ylabel="held-out accuracy", ylim=(0, 1))
-        bytes_ax.plot(x, uploaded, marker="o", ms=3, color="tab:orange")
+        bytes_ax.plot(x, cumulative_mb(rounds, "bytes_up"), marker="o", ms=3,
+                      color="tab:orange", label="payload")
+        if "bytes_up_wire_est" in rounds[0]:  # results from before the wire estimate lack it
+            bytes_ax.plot(x, cumulative_mb(rounds, "bytes_up_wire_est"), marker="o", ms=3,
+                          color="tab:orange", mfc="none", ls="--", label="on the wire (est.)")
+            bytes_ax.legend()
         bytes_ax.set(xlabel="round", ylabel="uploaded, cumulative (MB)")
         for ax in (acc_ax, bytes_ax):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
