@@ -12,7 +12,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from smallfed.config import Config
 from smallfed.flower.records import model_to_record, payload_record, record_bytes
-from smallfed.flower.wire import MODEL, message_objects
+from smallfed.flower.wire import MODEL, content_objects, message_objects
 from smallfed.models import build_model
 from smallfed.report.table import rounds_table
 from smallfed.simulation import simulate
@@ -63,8 +63,7 @@ def test_a_round_is_charged_its_messages_joins_and_polling(
     first, second = results["rounds"][1:]
     for r, joins in ((first, 6), (second, 0)):  # discovery asks all 6 nodes in round 1
         requests = r["objects_up"] + r["objects_down"] + r["messages_up"] + r["messages_down"]
-        polled = joins or 3 - r["clients_offline"]  # the nodes sent a message
-        poll_down, poll_up = MODEL.polling(r["sim_time_s"] * polled)
+        poll_down, poll_up = MODEL.polling(r["sim_time_s"] * 6)  # every node polls
         assert r["bytes_up_wire_est"] == round(
             MODEL.request_up * requests + (1 + MODEL.framing_up) * r["bytes_up"] + poll_up
             + MODEL.join_up * joins)
@@ -78,21 +77,40 @@ def test_a_round_is_charged_its_messages_joins_and_polling(
     assert s["wire_model"]["flwr_version"] == MODEL.flwr_version
 
 
+def test_dense_on_the_wire_is_the_dense_run(compressed: tuple[dict, Path],
+                                            tmp_path: Path) -> None:
+    """dense_bytes_up_wire_est: what the same rounds cost with dense updates, requests
+    included: the dense run's own estimate, where the two runs sent the same messages."""
+    results, _ = compressed
+    cfg = Config.from_mapping(results["config"]).replace(codec="none", devices="")
+    dense = simulate(cfg, tmp_path, progress=False)
+    plain = simulate(cfg.replace(codec=results["config"]["codec"]), tmp_path / "topk",
+                     progress=False)
+    for d, c in zip(dense["rounds"][1:], plain["rounds"][1:]):
+        assert d["clients"] == c["clients"]  # no devices: the same clients replied
+        assert c["dense_bytes_up_wire_est"] == d["bytes_up_wire_est"] == d[
+            "dense_bytes_up_wire_est"]
+
+
 def test_devices_are_charged_the_wire(compressed: tuple[dict, Path]) -> None:
     results, out = compressed
-    dense = record_bytes(model_to_record(build_model("cnn-tiny", (1, 8, 8), 10, 0)))
+    model = build_model("cnn-tiny", (1, 8, 8), 10, 0)
+    dense = record_bytes(model_to_record(model))
+    pulled = MODEL.round_trips(1 + content_objects(RecordDict({
+        "arrays": model_to_record(model), "config": ConfigRecord({"lr": 0.1})})))
     with open(out / "clients.csv") as fh:
         rows = [r for r in csv.DictReader(fh) if r["status"] == "finished"]
     assert rows
     for row in rows:
         assert int(row["bytes_down"]) == dense
-        joins = MODEL.join_down if row["round"] == "1" else 0  # every device's first round
-        assert int(row["bytes_down_wire_est"]) > int(row["bytes_down"]) + joins
+        assert int(row["bytes_down_wire_est"]) > int(row["bytes_down"])
+        assert int(row["bytes_down_wire_est"]) < MODEL.join_down  # the join is not a round's
         assert int(row["bytes_up_wire_est"]) > int(row["bytes_up"]) + MODEL.request_up * 6
         device = {"rpi4": (50e6, 100e6, 0.01), "phone-low": (3e6, 15e6, 0.06)}[row["device"]]
         up_bps, down_bps, latency = device
+        pushed = MODEL.round_trips(6, pulled=False)  # a payload reply: 6 objects
         assert float(row["transfer_s"]) == pytest.approx(
-            2 * latency + 8 * int(row["bytes_down_wire_est"]) / down_bps
+            2 * latency * (pulled + pushed) + 8 * int(row["bytes_down_wire_est"]) / down_bps
             + 8 * int(row["bytes_up_wire_est"]) / up_bps, abs=2e-5)
 
 

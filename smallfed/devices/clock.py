@@ -2,12 +2,13 @@
 
 A client's round takes (all from its profile and what it really did)
 
-    2 x latency + 8 x bytes received / downlink + training FLOPs / train_flops
-    + 8 x bytes sent / uplink
+    2 x latency x round trips + 8 x bytes received / downlink
+    + training FLOPs / train_flops + 8 x bytes sent / uplink
 
-where the bytes are the wire estimate when the server layer gives one (the payload,
-the transport's requests and framing, and a node's one-off join: see
-:mod:`smallfed.flower.wire`), and the payload alone otherwise.
+where the bytes and round trips are the wire estimate's when the server layer gives
+one (the payload with the transport's requests and framing, and the requests' round
+trips: see :mod:`smallfed.flower.wire`), and otherwise the payload alone and one
+round trip.
 where training FLOPs = 6 x MACs a sample x local epochs x the samples it reported.
 Before the round, each sampled device is online with its profile's availability
 (drawn from ``(seed, round, partition)``); offline ones are never sent a message.
@@ -56,7 +57,7 @@ class Arrival:
     bytes_up: int
     examples: float
     declined: bool = False
-    wire: tuple[float, float] | None = None  # (down, up) bytes of sending the reply
+    wire: tuple[float, float, int] | None = None  # sending the reply: down, up, round trips
 
 
 @dataclass
@@ -75,7 +76,8 @@ class RoundClock:
         self.flops_per_sample = flops_per_sample
         self.rows: list[ClientTime] = []
         self.last = RoundTime()
-        self._down: dict[int, tuple[int, float, float]] = {}  # node -> payload, wire down, up
+        # node -> payload, and receiving it: wire bytes down, up, round trips
+        self._down: dict[int, tuple[int, float, float, int]] = {}
 
     def online(self, server_round: int, nodes: list[int], partition_of: dict[int, int]
                ) -> list[int]:
@@ -95,10 +97,10 @@ class RoundClock:
         return kept
 
     def sent(self, bytes_down: dict[int, int],
-             wire: dict[int, tuple[float, float]] | None = None) -> None:
+             wire: dict[int, tuple[float, float, int]] | None = None) -> None:
         """Bytes each node was sent this round, and what receiving them cost on the wire
-        (down, up); without ``wire`` the payload alone is charged."""
-        self._down = {node: (size, *(wire[node] if wire else (size, 0.0)))
+        (down, up, round trips); without ``wire`` the payload and one round trip."""
+        self._down = {node: (size, *(wire[node] if wire else (size, 0.0, 1)))
                       for node, size in bytes_down.items()}
 
     def finish(self, server_round: int, arrivals: list[Arrival]) -> set[int]:
@@ -110,13 +112,13 @@ class RoundClock:
             if profile is None:
                 kept.add(arrival.node)
                 continue
-            down, wire_down, wire_up = self._down.get(arrival.node, (0, 0.0, 0.0))
-            reply_down, reply_up = arrival.wire or (0.0, arrival.bytes_up)
+            down, wire_down, wire_up, trips = self._down.get(arrival.node, (0, 0.0, 0.0, 1))
+            reply_down, reply_up, reply_trips = arrival.wire or (0.0, arrival.bytes_up, 0)
             wire_down, wire_up = wire_down + reply_down, wire_up + reply_up
             compute = (self.flops_per_sample * self.cfg.local_epochs * max(arrival.examples, 0.0)
                        / profile.train_flops)
-            transfer = (2 * profile.latency_s + 8 * wire_down / profile.downlink_bps
-                        + 8 * wire_up / profile.uplink_bps)
+            transfer = (2 * profile.latency_s * (trips + reply_trips)
+                        + 8 * wire_down / profile.downlink_bps + 8 * wire_up / profile.uplink_bps)
             total = compute + transfer
             late = deadline > 0 and total > deadline and not arrival.failed
             status = ("failed" if arrival.failed else "dropped" if late

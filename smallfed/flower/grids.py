@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
@@ -27,7 +27,7 @@ class Traffic:
     objects_up: int = 0
     wire_down: float = 0.0
     wire_up: float = 0.0
-    nodes: set[int] = field(default_factory=set)  # nodes sent a message
+    wire_up_dense: float = 0.0  # wire_up had every train reply been a dense fp32 update
 
 
 def simulated_grid(grid: Grid) -> bool:
@@ -80,11 +80,15 @@ class MeteredGrid(ForwardingGrid):
     message is also charged to the wire estimate, and a node's first message its join.
     """
 
-    def __init__(self, grid: Grid, wire: WireModel = MODEL) -> None:
+    def __init__(self, grid: Grid, wire: WireModel = MODEL,
+                 dense_reply: tuple[int, int] = (0, 0)) -> None:
+        """``dense_reply``: (array bytes, objects) of a train reply holding the dense
+        fp32 model, what ``wire_up_dense`` charges for each train reply."""
         super().__init__(grid)
         self._traffic = Traffic()
         self.wire = wire
-        self._joined: set[int] = set()
+        self.dense_reply = dense_reply
+        self._joined: set[int] = set()  # a resumed run joins again, as a new Flower run does
 
     def take(self) -> Traffic:
         """The traffic since the last call, and start counting afresh."""
@@ -102,15 +106,18 @@ class MeteredGrid(ForwardingGrid):
             if up:
                 traffic.bytes_up += size
                 traffic.objects_up += objects
+                update = msg.metadata.message_type == MessageType.TRAIN and not msg.has_error()
+                traffic.wire_up_dense += self.wire.up(*self.dense_reply)[1] if update else wire_up
                 continue
+            traffic.wire_up_dense += wire_up
             traffic.bytes_down += size
             traffic.objects_down += objects
             node = msg.metadata.dst_node_id
-            traffic.nodes.add(node)
             if node not in self._joined:
                 self._joined.add(node)
                 traffic.wire_down += self.wire.join_down
                 traffic.wire_up += self.wire.join_up
+                traffic.wire_up_dense += self.wire.join_up
         if up:
             traffic.messages_up += len(messages)
         else:

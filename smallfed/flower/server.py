@@ -29,6 +29,8 @@ from smallfed.flower.checkpoint import load as load_checkpoint
 from smallfed.flower.checkpoint import save as save_checkpoint
 from smallfed.flower.grids import MeteredGrid, simulated_grid
 from smallfed.flower.records import (
+    ARRAYS_KEY,
+    METRICS_KEY,
     load_record,
     model_config,
     model_to_record,
@@ -46,6 +48,7 @@ from smallfed.flower.layers import (
     stack_state,
     stack_stats,
 )
+from smallfed.flower.wire import content_objects
 from smallfed.models import build_model, model_report
 from smallfed.privacy import NEIGHBOURING, check_privacy_config
 from smallfed.report.results import RoundRecord, RunRecorder
@@ -160,7 +163,8 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
                               partition_sizes=[len(p) for p in data.partitions])
     clock = find(strategy, DeviceClock)
     secure = find(strategy, SecureAggregation) if cfg.secure_aggregation else None
-    metered = MeteredGrid(grid)
+    reply = RecordDict({ARRAYS_KEY: model_to_record(model), METRICS_KEY: MetricRecord({})})
+    metered = MeteredGrid(grid, dense_reply=(dense, 1 + content_objects(reply)))
     recorder = RunRecorder(
         config=cfg.to_dict(), model_params=report.params, model_fp32_bytes=report.fp32_bytes,
         dense_bytes_per_update=dense,
@@ -184,12 +188,13 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
         stats = round_stats(strategy) if server_round > 0 else RoundStats()
         spent = stack_epsilon(strategy) or (
             (0.0, 0.0) if cfg.privacy != "none" else (None, None))
-        # The nodes poll for as long as the round takes: its simulated time on devices,
-        # its real time on a deployment; a simulation's own time says nothing of a
-        # deployment's (and would make its results depend on the machine): none.
+        # Every connected node polls for as long as the round takes: its simulated time
+        # on devices, its real time on a deployment; a simulation's own time says nothing
+        # of a deployment's (and would make its results depend on the machine): none.
         seconds = (stats.sim_time_s or 0.0) if clock is not None else (
             0.0 if simulated_grid(grid) else recorder.since_last())
-        poll_down, poll_up = metered.wire.polling(seconds * len(traffic.nodes))
+        poll_down, poll_up = metered.wire.polling(
+            seconds * len(list(grid.get_node_ids())) if seconds else 0.0)
         record = recorder.add(
             round=server_round, accuracy=accuracy, loss=loss, bytes_up=traffic.bytes_up,
             bytes_down=traffic.bytes_down, clients=stats.aggregated,
@@ -201,6 +206,7 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
             rolled_back=stats.rolled_back, secagg_bytes_up=stats.secagg_bytes_up,
             secagg_bytes_down=stats.secagg_bytes_down,
             bytes_up_wire_est=round(traffic.wire_up + poll_up),
+            dense_bytes_up_wire_est=round(traffic.wire_up_dense + poll_up),
             bytes_down_wire_est=round(traffic.wire_down + poll_down),
             messages_up=traffic.messages_up, messages_down=traffic.messages_down,
             objects_up=traffic.objects_up, objects_down=traffic.objects_down,
@@ -213,12 +219,12 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
             if cfg.privacy != "user" or cfg.dp_publish_sample:
                 recorder.add_clients(out, rows)
         recorder.write(out)  # the finished rounds are on disk if the run is stopped
-        tracker.log_round(asdict(record))
         save_checkpoint(out, Checkpoint(
             round=server_round, config=cfg.to_dict(), global_arrays=record_arrays(arrays),
             server={"layers": stack_state(strategy), "recorder": recorder.state()},
             clients=node_states() if node_states is not None else {},
         ))
+        tracker.log_round(asdict(record))  # after the checkpoint: a resume logs it once
         if on_round is not None:
             on_round(record, cfg.num_server_rounds)
         log(INFO, "smallfed round %d: accuracy %.4f, loss %.4f, %d clients",

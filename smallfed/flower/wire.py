@@ -11,11 +11,18 @@ run fetches the run and its app bundle (FAB) once. The model:
     down = request_down x requests + (1 + framing_down) x payload_down + poll_down x node-seconds
     requests = objects of every message + 1 per message (pull-confirm or push-messages)
 
-plus ``join_up``/``join_down`` the first time a node is sent anything. Node-seconds
-are the round's duration times the nodes sent a message that round: its real
+plus ``join_up``/``join_down`` the first time a node is sent anything (the discovery
+query runs its ClientApp, which fetches the FAB). Node-seconds are the round's
+duration times the nodes connected (every SuperNode polls, sampled or not): its real
 duration in a deployment, its simulated one with device simulation, and none in a
 simulation without devices (whose own time says nothing of a deployment's): there
-the estimate leaves polling out and is a lower bound.
+the estimate leaves polling out and is a lower bound. Identical arrays in one message
+are one object to Flower (content-addressed) and one each here: at most a request
+more each.
+
+A device's time is charged the round trips too: Flower moves a message's objects a
+few at a time (``FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS``/``PUSHES``, 2 by default),
+so a message takes ``ceil(objects / 2) + 1`` round trips.
 
 The constants are measured by ``benchmarks/deploy_loopback.py`` (10 SuperNodes over
 TLS through a byte-counting relay; ``--fit`` solves them from a dense and a compressed
@@ -28,8 +35,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+from flwr.supercore.constant import (
+    FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS,
+    FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES,
+)
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,15 @@ class WireModel:
         down, up = self.overhead(objects, messages)
         return down, up + (1 + self.framing_up) * payload
 
+    @staticmethod
+    def round_trips(objects: int, messages: int = 1, pulled: bool = True) -> int:
+        """Round trips that move ``messages`` messages of ``objects`` objects: Flower
+        pulls (to a node) or pushes (from it) a few objects at a time, and one more
+        request per message pulls or pushes the message itself."""
+        at_once = (FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS if pulled
+                   else FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PUSHES)
+        return math.ceil(objects / max(at_once, 1)) + messages
+
     def polling(self, node_seconds: float) -> tuple[float, float]:
         """(down, up) bytes of nodes waiting for ``node_seconds`` in all."""
         return self.poll_down * node_seconds, self.poll_up * node_seconds
@@ -72,25 +92,29 @@ class WireModel:
         return asdict(self)
 
 
-# Solved by `python benchmarks/deploy_loopback.py --fit` from its dense and top-k runs
-# (benchmarks/results/deploy_loopback*.json; 10 SuperNodes, TLS, node authentication).
+# Solved from benchmarks/results/deploy_loopback*.json (10 SuperNodes, TLS, node
+# authentication; dense and top-k 1% uplink) as `deploy_loopback.py --fit` does, with
+# the objects of their messages counted by message_objects (train message 28, dense
+# reply 28, top-k reply 6: those runs predate the per-round counts).
 FLOWER_1_42 = WireModel(
     flwr_version="1.42.0",
     request_up=753.0, request_down=211.2, framing_up=0.0175, framing_down=0.0087,
-    poll_up=357.0, poll_down=186.0, join_up=0.0, join_down=284_400.0,
+    poll_up=356.6, poll_down=185.6, join_up=0.0, join_down=284_400.0,
     source="benchmarks/deploy_loopback.py, 10 SuperNodes over TLS on loopback",
 )
 MODEL = FLOWER_1_42
 
 
 def message_objects(message: Message) -> int:
-    """Flower objects a message travels as (one request each): the message, its record
-    dict, each record, each array and each array's chunks. An error reply is one."""
-    if message.has_error():
-        return 1
-    content = message.content
+    """Flower objects a message travels as (one request each): the message itself and
+    those of its content. An error reply is one."""
+    return 1 if message.has_error() else 1 + content_objects(message.content)
+
+
+def content_objects(content: RecordDict) -> int:
+    """Flower objects of a record dict: itself, each record, each array and its chunks."""
     records = (len(content.array_records) + len(content.metric_records)
                + len(content.config_records))
     arrays = sum(1 + max(1, math.ceil(len(array.data) / FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE))
                  for record in content.array_records.values() for array in record.values())
-    return 2 + records + arrays
+    return 1 + records + arrays

@@ -16,7 +16,8 @@ Schema version 1 (README "Results"):
   the deadline) and ``clients_offline`` (null and 0 without it); ``bytes_up_wire_est``
   and ``bytes_down_wire_est``, what the round's messages would cost a deployment on
   the wire (payload, Flower's requests and framing, the nodes' polling for the round's
-  duration and each node's one-off join; :mod:`smallfed.flower.wire`), and the
+  duration and each node's one-off join; :mod:`smallfed.flower.wire`),
+  ``dense_bytes_up_wire_est`` (the same with every update dense fp32), and the
   ``messages_up``/``messages_down`` and ``objects_up``/``objects_down`` (Flower objects,
   one request each) that estimate is made from.
 * ``summary``: ``final_accuracy``, ``best_accuracy``, ``total_bytes_up``,
@@ -27,7 +28,8 @@ Schema version 1 (README "Results"):
   ``dense_bytes_up_wire_est`` (the same run with dense fp32 updates, on the wire),
   ``compression_ratio_up_wire_est`` (dense_bytes_up_wire_est / total_bytes_up_wire_est),
   ``wire_model`` (the estimate's constants and the Flower version they were measured
-  with), ``epsilon`` and ``delta`` (the run's privacy guarantee;
+  with; the four wire fields null for a run resumed from rounds recorded without
+  them), ``epsilon`` and ``delta`` (the run's privacy guarantee;
   null without DP), ``model_params``, ``model_fp32_bytes``, ``wall_time_s``,
   ``sim_time_s`` (total simulated time) and ``sim_time_to_target_s`` (simulated time
   until ``target-accuracy`` was first reached; null if never, or without devices), and
@@ -65,7 +67,7 @@ ROUND_FIELDS = (
     "updates_rejected", "clients_declined", "epsilon", "epsilon_mean", "wall_time_s",
     "sim_time_s", "clients_finished", "clients_dropped", "clients_offline", "updates_clipped",
     "rolled_back", "secagg_bytes_up", "secagg_bytes_down", "bytes_up_wire_est",
-    "bytes_down_wire_est", "messages_up", "messages_down", "objects_up", "objects_down",
+    "bytes_down_wire_est", "dense_bytes_up_wire_est", "messages_up", "messages_down", "objects_up", "objects_down",
 )
 
 
@@ -95,6 +97,7 @@ class RoundRecord:
     # The transport's estimated bytes (smallfed.flower.wire): payload, requests, polling.
     bytes_up_wire_est: int = 0
     bytes_down_wire_est: int = 0
+    dense_bytes_up_wire_est: int = 0  # bytes_up_wire_est had the updates been dense fp32
     messages_up: int = 0
     messages_down: int = 0
     objects_up: int = 0  # Flower objects the messages travelled as: one request each
@@ -140,8 +143,14 @@ class RunRecorder:
             return
         path = Path(out_dir) / "clients.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Appending, the file's own header decides the columns: a run resumed from an
+        # older version's checkpoint leaves out what its header lacks, aligned.
+        header = list(rows[0])
+        if self.clients_rows and path.is_file():
+            with open(path, newline="") as fh:
+                header = next(csv.reader(fh), header)
         with open(path, "a" if self.clients_rows else "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
             if not self.clients_rows:
                 writer.writeheader()
             writer.writerows(rows)
@@ -159,6 +168,8 @@ class RunRecorder:
         """Go on from a checkpoint of a run that writes to ``out_dir``: rows of clients.csv
         past the checkpoint's count (a round it did not finish) are dropped."""
         self.rounds = [RoundRecord(**row) for row in state["rounds"]]
+        if any("bytes_up_wire_est" not in row for row in state["rounds"]):
+            self.wire_model = None  # rounds from before the estimate: no total to claim
         self.models_sent = int(state["models_sent"])
         self.elapsed_before = float(state["elapsed_s"])
         path = Path(out_dir) / "clients.csv"
@@ -187,10 +198,8 @@ class RunRecorder:
         dense_up = updates * self.dense_bytes_per_update
         dense_down = self.models_sent * self.dense_bytes_per_update
         wire_up = sum(r.bytes_up_wire_est for r in self.rounds)
-        # Dense on the wire: the same run with each update's payload dense fp32 (framing
-        # included; requests and polling as they were).
-        framing = (self.wire_model or {}).get("framing_up", 0.0)
-        dense_wire_up = wire_up + (1 + framing) * (dense_up - up)
+        dense_wire_up = sum(r.dense_bytes_up_wire_est for r in self.rounds)
+        wire = self.wire_model is not None  # None: resumed from rounds recorded without it
         summary = {
             "final_accuracy": final.accuracy if final else None,
             "best_accuracy": max((r.accuracy for r in self.rounds), default=None),
@@ -200,10 +209,12 @@ class RunRecorder:
             "dense_bytes_down": dense_down,
             "compression_ratio_up": round(dense_up / up, 3) if up else None,
             "compression_ratio_down": round(dense_down / down, 3) if down else None,
-            "total_bytes_up_wire_est": wire_up,
-            "total_bytes_down_wire_est": sum(r.bytes_down_wire_est for r in self.rounds),
-            "dense_bytes_up_wire_est": round(dense_wire_up),
-            "compression_ratio_up_wire_est": round(dense_wire_up / wire_up, 3) if wire_up else None,
+            "total_bytes_up_wire_est": wire_up if wire else None,
+            "total_bytes_down_wire_est": (sum(r.bytes_down_wire_est for r in self.rounds)
+                                          if wire else None),
+            "dense_bytes_up_wire_est": dense_wire_up if wire else None,
+            "compression_ratio_up_wire_est": (round(dense_wire_up / wire_up, 3)
+                                              if wire and wire_up else None),
             "wire_model": self.wire_model,
             "epsilon": final.epsilon if final else None,
             "delta": self.delta,

@@ -28,7 +28,7 @@ def rounds_table(results: dict[str, Any]) -> Table:
     rounds, s = results["rounds"], results["summary"]
     private = s.get("delta") is not None
     devices = any(r.get("sim_time_s") is not None for r in rounds)
-    wire = "total_bytes_up_wire_est" in s
+    wire = s.get("total_bytes_up_wire_est") is not None
     columns: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("round", lambda r: str(r["round"])),
         ("accuracy", lambda r: f"{r['accuracy']:.4f}"),

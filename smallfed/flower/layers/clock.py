@@ -5,13 +5,13 @@ to a round. Of the nodes the sampling layer chose, only those online (drawn from
 their device's availability) are shown to the layers below and sent a message; a
 reply whose simulated time passes ``round-deadline-s`` is a straggler's and is dropped
 before anything else looks at it. A device is charged the wire estimate of its
-messages (:mod:`smallfed.flower.wire`), and its join in the first round it is sent one.
+messages, bytes and round trips (:mod:`smallfed.flower.wire`); its join happens at
+discovery, before its first round, and is not charged to a round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -44,7 +44,6 @@ class DeviceClock(Layer):
         self.extra_bytes = extra_bytes or (lambda node: (0, 0))
         self.examples_of = examples_of
         self.wire = wire
-        self._joined: set[int] = set()  # partitions sent a message before: no second join
 
     def describe(self) -> str:
         deadline = self.clock.cfg.round_deadline_s
@@ -63,21 +62,11 @@ class DeviceClock(Layer):
                                 for m in messages})
         return messages
 
-    def _receiving(self, message: Message, sizes: dict[int, int]) -> tuple[float, float]:
-        """(down, up) wire bytes of a node receiving its train message, joining first."""
-        node = message.metadata.dst_node_id
-        down, up = self.wire.down(sizes[node], message_objects(message))
-        partition = self.partitions.of.get(node, -1)
-        if partition not in self._joined:
-            self._joined.add(partition)
-            down, up = down + self.wire.join_down, up + self.wire.join_up
-        return down, up
-
-    def state(self) -> dict[str, Any]:
-        return {"joined": sorted(self._joined)}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self._joined = {int(p) for p in state.get("joined", [])}
+    def _receiving(self, message: Message, sizes: dict[int, int]) -> tuple[float, float, int]:
+        """A node receiving its train message: wire bytes down and up, and round trips."""
+        objects = message_objects(message)
+        return (*self.wire.down(sizes[message.metadata.dst_node_id], objects),
+                self.wire.round_trips(objects, pulled=True))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -101,8 +90,10 @@ class DeviceClock(Layer):
         if self.examples_of is not None and not declined:
             examples = float(self.examples_of(node) or 0)
         size = message_array_bytes(reply) + self.extra_bytes(node)[1]
+        objects = message_objects(reply)
         return Arrival(node, self.partitions.of.get(node, -1), reply.has_error(), size,
-                       examples, declined, self.wire.up(size, message_objects(reply)))
+                       examples, declined, (*self.wire.up(size, objects),
+                                            self.wire.round_trips(objects, pulled=False)))
 
     def take_rows(self) -> list[ClientTime]:
         """The clients.csv rows of the rounds since the last call, in a fixed order."""
