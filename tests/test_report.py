@@ -187,6 +187,15 @@ def test_the_wire_estimate_and_plots_with_nothing_to_draw(tmp_path: Path) -> Non
             "| yes | point |") in text
 
 
+def test_seeds_without_the_wire_estimate_are_named(tmp_path: Path) -> None:
+    """Points from before the estimate beside newer ones: payload only, and said so."""
+    rows = [row("topk", "none", 1, 0.8, 40, 25, wire=90), row("topk", "none", 2, 0.8, 40, 25)]
+    result = write_report(write_sweep(tmp_path, rows, FIELDS + WIRE_FIELDS))
+    assert panel_of(result, "total_bytes_up").points[0].wire is None
+    assert ("codec=topk,privacy=none: no wire estimate in 1 of 2 seeds"
+            in result.path.read_text(encoding="utf-8"))
+
+
 def test_an_old_sweep_csv_without_columns_says_what_is_missing(tmp_path: Path) -> None:
     old = [f for f in FIELDS if f not in ("compression_ratio_up", "sim_time_to_target_s")]
     sweep = write_sweep(tmp_path, ROWS, old)
@@ -252,7 +261,7 @@ def test_run_plots_name_codec_and_privacy_and_cli_writes_report_folder(
     monkeypatch.chdir(tmp_path)
     assert main(["report", "run"]) == 0  # one run: the default --out is ./report
     table = (tmp_path / "report" / "compare.md").read_text(encoding="utf-8")
-    assert "| 0.7000 | 300 | 3 (delta 1e-05) |" in table
+    assert "| 0.7000 | 300 | — | 3 (delta 1e-05) |" in table  # no wire estimate: older
 
 
 def test_bad_paths_are_refused_before_anything_is_written(tmp_path: Path) -> None:

@@ -156,7 +156,11 @@ class MlflowTracker(Tracker):
 
         self.mlflow = mlflow
         self.run = mlflow.start_run(run_name=out.name, nested=True)
-        mlflow.log_params(cfg.to_dict())
+        try:
+            mlflow.log_params(cfg.to_dict())
+        except Exception:
+            mlflow.end_run(status="FAILED")  # not left active for the next run to nest in
+            raise
 
     def _log(self, values: dict[str, int | float], step: int) -> None:
         self.mlflow.log_metrics(values, step=step)

@@ -191,8 +191,13 @@ def add_wire_and_baseline(panel: Panel, header: list[str]) -> None:
     """The wire estimate beside the payload, and the dense configurations marked."""
     if WIRE in header:
         for entry in panel.points:
-            if all(value(r, WIRE) is not None for r in entry.config.rows):
+            missing = sum(value(r, WIRE) is None for r in entry.config.rows)
+            if not missing:
                 entry.wire = stat(entry.config.rows, WIRE)
+                continue
+            panel.notes.append(
+                f"{entry.config.name}: no wire estimate in {missing} of "
+                f"{len(entry.config.rows)} seeds (results from before it): payload only")
     else:
         panel.notes.append(f"missing column {WIRE}: the bytes plot shows the payload only, "
                            "no wire estimate")
