@@ -18,7 +18,7 @@ Writes benchmarks/results/deploy_loopback[-TAG].json.
 (smallfed/flower/wire.py) from runs of this script, a dense and a compressed one at
 least: per direction, least squares of the steady rounds' (2 on) measured bytes, less
 payload and the idle polling rate times the round's node-seconds, on requests and
-payload; the join from round 1's remainder.
+payload; the join from round 1's remainder, less the FAB.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from smallfed.cli import load_config  # noqa: E402
+from smallfed.flower.wire import app_bundle_bytes  # noqa: E402
 from tests.processes import descendants  # noqa: E402
 from tests.test_deploy import (  # noqa: E402
     BIN,
@@ -127,7 +128,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--codec", default="none", help="the uplink codec (codec key)")
     parser.add_argument("--idle-s", type=float, default=20.0,
-                        help="seconds of idle traffic (heartbeats) measured before the run")
+                        help="seconds of idle traffic (polls, heartbeats) measured after the run")
     parser.add_argument("--fit", nargs="+", metavar="RUN.json",
                         help="solve the wire model's constants from these results; no run")
     args = parser.parse_args()
@@ -171,9 +172,6 @@ def main() -> None:
                 done.wait(0.2)
 
         done.wait(10)  # the nodes connect and activate
-        idle_start = relay.counts()
-        done.wait(args.idle_s)
-        idle = [b - a for a, b in zip(idle_start, relay.counts())]
         threading.Thread(target=sample, daemon=True).start()
         config = (f"num-server-rounds={args.rounds} num-clients={args.nodes} "
                   f"clients-per-round={args.nodes} dataset='mnist' codec='{args.codec}' "
@@ -184,6 +182,11 @@ def main() -> None:
             raise RuntimeError(run.stdout[-3000:] + run.stderr[-3000:])
         for r in range(-1, args.rounds + 1):  # in case the sampler missed the last
             wire.setdefault(r, relay.counts())
+        # Idle traffic after the run, when every node has surely connected (before it,
+        # ten nodes starting on two cores may not have).
+        idle_start = relay.counts()
+        done.wait(args.idle_s)
+        idle = [b - a for a, b in zip(idle_start, relay.counts())]
     finally:
         done.set()
         procs.stop_all(str(tmp))
@@ -254,10 +257,12 @@ def fit(runs: list[dict]) -> dict[str, float]:
             rcond=None)
         constants[f"request_{way}"], constants[f"framing_{way}"] = round(request, 1), round(
             framing, 4)
-        # Round 1's remainder beyond the model, per node: registering and the FAB.
+        # Round 1's remainder beyond the model, per node: registering, and (down) the
+        # FAB, whose own bytes the estimate counts apart (app_bundle_bytes).
         constants[f"join_{way}"] = round(max(0.0, float(np.mean(
-            [(r - request * q - framing * p) / run["nodes"] for (q, p, r), run in zip(joins, runs)]
-        ))), 1)
+            [(r - request * q - framing * p) / run["nodes"]
+             - (run["wire_model"].get("fab_bytes", app_bundle_bytes()) if way == "down" else 0)
+             for (q, p, r), run in zip(joins, runs)]))), 1)
     return constants
 
 

@@ -12,7 +12,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from smallfed.config import Config
 from smallfed.flower.records import model_to_record, payload_record, record_bytes
-from smallfed.flower.wire import MODEL, content_objects, message_objects
+from smallfed.flower.wire import MODEL, app_bundle_bytes, content_objects, message_objects
 from smallfed.models import build_model
 from smallfed.report.table import rounds_table
 from smallfed.simulation import simulate
@@ -37,6 +37,22 @@ class _Held:
 def test_objects_are_what_flower_moves(content: RecordDict) -> None:
     """One request per object: the message, and every object Flower nests in it."""
     assert message_objects(_Held(content)) == 1 + len(get_all_nested_objects(content))
+
+
+def test_the_app_bundle_is_what_flwr_build_packs(tmp_path: Path) -> None:
+    """The FAB's size from the sources, against `flwr build` of this project (1%)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    flwr = Path(sys.executable).parent / "flwr"
+    subprocess.run([str(flwr), "build", "--app", str(root)], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=120)
+    fab, = tmp_path.glob("*.fab")
+    stored = {info.compress_type for info in zipfile.ZipFile(fab).infolist()}
+    assert stored == {zipfile.ZIP_STORED}  # Flower does not compress it
+    assert app_bundle_bytes() == pytest.approx(fab.stat().st_size, rel=0.01)
 
 
 def test_the_model_by_hand() -> None:
@@ -69,7 +85,7 @@ def test_a_round_is_charged_its_messages_joins_and_polling(
             + MODEL.join_up * joins)
         assert r["bytes_down_wire_est"] == round(
             MODEL.request_down * requests + (1 + MODEL.framing_down) * r["bytes_down"]
-            + poll_down + MODEL.join_down * joins)
+            + poll_down + (MODEL.join_down + app_bundle_bytes()) * joins)
     s = results["summary"]
     assert s["total_bytes_up_wire_est"] == first["bytes_up_wire_est"] + second["bytes_up_wire_est"]
     # A compressed update saves far less on the wire than in payload: requests dominate.
@@ -104,7 +120,7 @@ def test_devices_are_charged_the_wire(compressed: tuple[dict, Path]) -> None:
     for row in rows:
         assert int(row["bytes_down"]) == dense
         assert int(row["bytes_down_wire_est"]) > int(row["bytes_down"])
-        assert int(row["bytes_down_wire_est"]) < MODEL.join_down  # the join is not a round's
+        assert int(row["bytes_down_wire_est"]) < app_bundle_bytes()  # the join is not a round's
         assert int(row["bytes_up_wire_est"]) > int(row["bytes_up"]) + MODEL.request_up * 6
         device = {"rpi4": (50e6, 100e6, 0.01), "phone-low": (3e6, 15e6, 0.06)}[row["device"]]
         up_bps, down_bps, latency = device

@@ -10,7 +10,7 @@ from flwr.serverapp import Grid
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from smallfed.flower.records import message_array_bytes
-from smallfed.flower.wire import MODEL, WireModel, message_objects
+from smallfed.flower.wire import MODEL, WireModel, app_bundle_bytes, message_objects
 
 
 @dataclass
@@ -115,7 +115,7 @@ class MeteredGrid(ForwardingGrid):
             node = msg.metadata.dst_node_id
             if node not in self._joined:
                 self._joined.add(node)
-                traffic.wire_down += self.wire.join_down
+                traffic.wire_down += self.wire.join_down + app_bundle_bytes()
                 traffic.wire_up += self.wire.join_up
                 traffic.wire_up_dense += self.wire.join_up
         if up:

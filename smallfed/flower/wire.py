@@ -11,8 +11,9 @@ run fetches the run and its app bundle (FAB) once. The model:
     down = request_down x requests + (1 + framing_down) x payload_down + poll_down x node-seconds
     requests = objects of every message + 1 per message (pull-confirm or push-messages)
 
-plus ``join_up``/``join_down`` the first time a node is sent anything (the discovery
-query runs its ClientApp, which fetches the FAB). Node-seconds are the round's
+plus ``join_up``/``join_down`` and the app bundle (FAB) the first time a node is sent
+anything (the discovery query runs its ClientApp, which fetches the FAB: smallfed's
+Python sources, stored uncompressed, about 720 KB today). Node-seconds are the round's
 duration times the nodes connected (every SuperNode polls, sampled or not): its real
 duration in a deployment, its simulated one with device simulation, and none in a
 simulation without devices (whose own time says nothing of a deployment's): there
@@ -31,8 +32,11 @@ run) for the Flower version named in the model; re-measure when Flower changes.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Message, RecordDict
@@ -54,8 +58,8 @@ class WireModel:
     framing_down: float
     poll_up: float  # bytes per second a connected node sends while it waits (polls, heartbeats)
     poll_down: float
-    join_up: float  # once per node and run: registering with the run, fetching the FAB
-    join_down: float
+    join_up: float  # once per node and run: registering with the run and fetching the FAB,
+    join_down: float  # besides the FAB's own bytes (app_bundle_bytes)
     source: str
 
     def overhead(self, objects: int, messages: int = 1) -> tuple[float, float]:
@@ -89,20 +93,44 @@ class WireModel:
 
     def block(self) -> dict[str, Any]:
         """results.json's ``wire_model``: the constants an estimate was made with."""
-        return asdict(self)
+        return {**asdict(self), "fab_bytes": app_bundle_bytes()}
 
 
-# Solved from benchmarks/results/deploy_loopback*.json (10 SuperNodes, TLS, node
-# authentication; dense and top-k 1% uplink) as `deploy_loopback.py --fit` does, with
-# the objects of their messages counted by message_objects (train message 28, dense
-# reply 28, top-k reply 6: those runs predate the per-round counts).
+# Solved from the first benchmarks/results/deploy_loopback*.json runs (10 SuperNodes,
+# TLS, node authentication; dense and top-k 1% uplink) as `deploy_loopback.py --fit`
+# does, with the objects of their messages counted by message_objects (train message
+# 28, dense reply 28, top-k reply 6: those runs predate the per-round counts). Their
+# round 1 took 284 KB more down per node, their FAB (282 KB) and about 2 KB; a later
+# run with a 722 KB FAB took 8 KB less than its FAB plus the model: the join besides
+# the FAB is within the noise, 0.
 FLOWER_1_42 = WireModel(
     flwr_version="1.42.0",
     request_up=753.0, request_down=211.2, framing_up=0.0175, framing_down=0.0087,
-    poll_up=356.6, poll_down=185.6, join_up=0.0, join_down=284_400.0,
+    poll_up=356.6, poll_down=185.6, join_up=0.0, join_down=0.0,
     source="benchmarks/deploy_loopback.py, 10 SuperNodes over TLS on loopback",
 )
 MODEL = FLOWER_1_42
+
+# pyproject.toml's fab-include, as (package, pattern): what `flwr build` puts in the FAB.
+FAB_SOURCES = (("smallfed", "**/*.py"), ("clients", "*.py"), ("server", "*.py"))
+# Per file in the FAB besides its bytes: zip headers, its manifest line and a share of
+# pyproject.toml (flwr 1.42's FAB of 85 files was 721,899 bytes, 264 a file over them).
+FAB_FILE_BYTES = 264
+
+
+@functools.cache
+def app_bundle_bytes() -> int:
+    """About the size of the FAB each node fetches once a run: the app's sources, which
+    Flower stores uncompressed. Counted from the installed packages, not built: the
+    server may run where `flwr build` cannot."""
+    total = 0
+    for package, pattern in FAB_SOURCES:
+        spec = importlib.util.find_spec(package)
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            for path in Path(folder).glob(pattern):
+                if "__pycache__" not in path.parts:
+                    total += path.stat().st_size + FAB_FILE_BYTES
+    return total
 
 
 def message_objects(message: Message) -> int:
