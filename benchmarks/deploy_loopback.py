@@ -15,10 +15,11 @@ Writes benchmarks/results/deploy_loopback[-TAG].json.
     python benchmarks/deploy_loopback.py [--nodes 10] [--rounds 3] [--codec none]
 
 ``--fit RUN.json [RUN.json ...]`` solves the wire model's constants
-(smallfed/flower/wire.py) from runs of this script, a dense and a compressed one at
-least: per direction, least squares of the steady rounds' (2 on) measured bytes, less
-payload and the idle polling rate times the round's node-seconds, on requests and
-payload; the join from round 1's remainder, less the FAB.
+(smallfed/flower/wire.py) from runs of this script, dense and compressed ones of
+different round times: per direction, least squares of the steady rounds' (2 on)
+measured bytes less payload on requests, payload and node-seconds (polling while a
+round runs, which is slower than the idle rate measured after it); the join from
+round 1's remainder, less the FAB.
 """
 
 from __future__ import annotations
@@ -133,7 +134,12 @@ def main() -> None:
                         help="solve the wire model's constants from these results; no run")
     args = parser.parse_args()
     if args.fit:
-        print(json.dumps(fit([json.loads(Path(f).read_text()) for f in args.fit]), indent=2))
+        runs = {f: json.loads(Path(f).read_text()) for f in args.fit}
+        constants = fit(list(runs.values()))
+        print(json.dumps(constants, indent=2))
+        for name, run in runs.items():  # in-sample: how well the model fits each round
+            print(name, "estimate / measured, up:", check(run, constants, "up"), "down:",
+                  check(run, constants, "down"))
         return
     tmp = Path(tempfile.mkdtemp(prefix="smallfed-deploy-"))
     cfg = load_config("simulations/mnist.toml", []).replace(num_clients=args.nodes,
@@ -240,30 +246,42 @@ def fit(runs: list[dict]) -> dict[str, float]:
     import numpy as np
 
     constants: dict[str, float] = {}
-    for way, side in (("up", 1), ("down", 0)):
+    for way in ("up", "down"):
         rows, joins = [], []
-        poll = float(np.mean([r["idle_wire_bytes_per_s_all_nodes"][side] / r["nodes"]
-                              for r in runs]))  # per node
-        constants[f"poll_{way}"] = round(poll, 1)
         for run in runs:
             nodes, seconds = run["nodes"], run["wall_time_per_round_s"]
             for i, wire in enumerate(run[f"wire_bytes_{way}_per_round"]):
                 payload = run[f"bytes_{way}_per_round"][i]
                 requests = sum(run["objects_per_round"][i]) + sum(run["messages_per_round"][i])
-                rest = wire - payload - poll * seconds[i] * nodes
-                (joins if i == 0 else rows).append((requests, payload, rest))
-        (request, framing), *_ = np.linalg.lstsq(
-            np.array([[q, p] for q, p, _ in rows], float), np.array([r for *_, r in rows]),
+                row = (requests, payload, seconds[i] * nodes, wire - payload)
+                (joins if i == 0 else rows).append((row, run))
+        (request, framing, poll), *_ = np.linalg.lstsq(
+            np.array([r[:3] for r, _ in rows], float), np.array([r[3] for r, _ in rows]),
             rcond=None)
-        constants[f"request_{way}"], constants[f"framing_{way}"] = round(request, 1), round(
-            framing, 4)
+        constants.update({f"request_{way}": round(request, 1), f"framing_{way}": round(framing, 4),
+                          f"poll_{way}": round(poll, 1)})
         # Round 1's remainder beyond the model, per node: registering, and (down) the
         # FAB, whose own bytes the estimate counts apart (app_bundle_bytes).
         constants[f"join_{way}"] = round(max(0.0, float(np.mean(
-            [(r - request * q - framing * p) / run["nodes"]
+            [(rest - request * q - framing * p - poll * t) / run["nodes"]
              - (run["wire_model"].get("fab_bytes", app_bundle_bytes()) if way == "down" else 0)
-             for (q, p, r), run in zip(joins, runs)]))), 1)
+             for (q, p, t, rest), run in joins]))), 1)
     return constants
+
+
+def check(run: dict, c: dict[str, float], way: str) -> list[float]:
+    """Each round's wire estimate with constants ``c`` over what the relay measured."""
+    out = []
+    for i, wire in enumerate(run[f"wire_bytes_{way}_per_round"]):
+        payload = run[f"bytes_{way}_per_round"][i]
+        requests = sum(run["objects_per_round"][i]) + sum(run["messages_per_round"][i])
+        est = (c[f"request_{way}"] * requests + (1 + c[f"framing_{way}"]) * payload
+               + c[f"poll_{way}"] * run["wall_time_per_round_s"][i] * run["nodes"])
+        if i == 0:  # round 1: every node joins
+            fab = run["wire_model"].get("fab_bytes", app_bundle_bytes()) if way == "down" else 0
+            est += run["nodes"] * (c[f"join_{way}"] + fab)
+        out.append(round(float(est / wire), 3))
+    return out
 
 
 if __name__ == "__main__":
