@@ -106,7 +106,7 @@ class WireModel:
 FLOWER_1_42 = WireModel(
     flwr_version="1.42.0",
     request_up=1069.2, request_down=225.1, framing_up=0.0029, framing_down=0.0219,
-    poll_up=158.8, poll_down=79.3, join_up=0.0, join_down=4001.5,
+    poll_up=158.8, poll_down=79.3, join_up=0.0, join_down=4767.0,
     source="benchmarks/deploy_loopback.py --fit, 10 SuperNodes over TLS on loopback",
 )
 MODEL = FLOWER_1_42
