@@ -198,6 +198,9 @@ def main() -> None:
         procs.stop_all(str(tmp))
     results = json.loads((out / "results.json").read_text())
     rounds = results["rounds"]
+    if len(rounds) < args.rounds + 1:  # `flwr run` returns 0 when the ServerApp dies
+        raise RuntimeError(f"the run stopped after round {len(rounds) - 1} of {args.rounds}: "
+                           f"see the SuperLink's log in {tmp}")
     report = {
         "nodes": args.nodes,
         "codec": args.codec,
