@@ -26,8 +26,10 @@ few at a time (``FLWR_PRIVATE_MAX_CONCURRENT_OBJ_PULLS``/``PUSHES``, 2 by defaul
 so a message takes ``ceil(objects / 2) + 1`` round trips.
 
 The constants are measured by ``benchmarks/deploy_loopback.py`` (10 SuperNodes over
-TLS through a byte-counting relay; ``--fit`` solves them from a dense and a compressed
-run) for the Flower version named in the model; re-measure when Flower changes.
+TLS through a byte-counting relay; ``--fit`` solves them from dense and compressed
+runs of different round times) for the Flower version named in the model; re-measure
+when Flower changes. Polling is the rate while a round runs, which is about half the
+idle rate: a node busy with its ClientApp polls less.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class WireModel:
     request_down: float  # bytes received per request: response headers and framing
     framing_up: float  # fraction of the payload added (protobuf, HTTP and TLS framing)
     framing_down: float
-    poll_up: float  # bytes per second a connected node sends while it waits (polls, heartbeats)
+    poll_up: float  # bytes per second a connected node sends during a round (polls, heartbeats)
     poll_down: float
     join_up: float  # once per node and run: registering with the run and fetching the FAB,
     join_down: float  # besides the FAB's own bytes (app_bundle_bytes)
