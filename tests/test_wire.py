@@ -108,6 +108,16 @@ def test_dense_on_the_wire_is_the_dense_run(compressed: tuple[dict, Path],
             "dense_bytes_up_wire_est"]
 
 
+def test_a_declined_client_sent_no_update_to_make_dense(tmp_path: Path) -> None:
+    """iot's 1 MB cannot hold a batch of 256: every client declines, and the dense
+    counterpart of the run is the run itself."""
+    cfg = Config(devices="iot:1", batch_size=256, num_server_rounds=1, num_clients=4,
+                 clients_per_round=4)
+    last = simulate(cfg, tmp_path, progress=False)["rounds"][1]
+    assert last["clients_declined"] == 4 - last["clients_offline"] > 0
+    assert last["dense_bytes_up_wire_est"] == last["bytes_up_wire_est"]
+
+
 def test_devices_are_charged_the_wire(compressed: tuple[dict, Path]) -> None:
     results, out = compressed
     model = build_model("cnn-tiny", (1, 8, 8), 10, 0)

@@ -106,7 +106,8 @@ class MeteredGrid(ForwardingGrid):
             if up:
                 traffic.bytes_up += size
                 traffic.objects_up += objects
-                update = msg.metadata.message_type == MessageType.TRAIN and not msg.has_error()
+                # An update: a train reply with arrays (a declined client's reply has none).
+                update = msg.metadata.message_type == MessageType.TRAIN and size > 0
                 traffic.wire_up_dense += self.wire.up(*self.dense_reply)[1] if update else wire_up
                 continue
             traffic.wire_up_dense += wire_up
