@@ -42,7 +42,7 @@ class Cost:
 BYTES = Cost("total_bytes_up", "upload bytes", "accuracy_vs_bytes.png", True, ",.0f")
 EPSILON = Cost("epsilon", "epsilon", "accuracy_vs_epsilon.png", False, ".3g")
 TIME = Cost("sim_time_to_target_s", "simulated time to target", "accuracy_vs_time.png",
-            True, ",.1f")
+            False, ",.1f")
 COSTS = (BYTES, EPSILON, TIME)
 
 
@@ -237,18 +237,20 @@ def draw(panel: Panel, title: str, path: Path, look: dict[str, tuple[str, str]])
     with paper():
         fig = figure()
         ax = fig.add_subplot()
-        lows = []
+        lows = []  # the costs drawn: a log axis needs them positive
         for e in panel.points:
             color, marker = look[e.config.name]
             for cost, filled in ((e.cost, True), (e.wire, False)):
                 if cost is None:
                     continue
-                ax.errorbar(cost.mean, e.accuracy.mean, xerr=cost.half,
+                # A cost is never negative: its interval is cut at 0 (report.md has it whole).
+                xerr = None if cost.half is None else [[min(cost.half, cost.mean)], [cost.half]]
+                ax.errorbar(cost.mean, e.accuracy.mean, xerr=xerr,
                             yerr=e.accuracy.half if filled else None,  # once is enough
                             fmt=marker, color=color, ms=5, capsize=2, elinewidth=0.8,
                             mfc=color if filled else "white",
                             label=e.config.label if filled else None)
-                lows.append(cost.mean - (cost.half or 0.0))
+                lows.append(cost.mean)
             if e.wire is not None:  # payload and wire estimate of one configuration
                 ax.plot([e.cost.mean, e.wire.mean], [e.accuracy.mean] * 2, color=color,
                         lw=0.6, ls=":")
@@ -270,7 +272,7 @@ def draw(panel: Panel, title: str, path: Path, look: dict[str, tuple[str, str]])
             if accuracy.half is not None:
                 ax.axhspan(accuracy.mean - accuracy.half, accuracy.mean + accuracy.half,
                            color=color, alpha=0.12, lw=0)
-        if panel.cost.log:  # symlog where an interval reaches 0 (a target met at round 0)
+        if panel.cost.log:  # symlog where a cost is 0 (a target met at round 0)
             ax.set_xscale("log" if min(lows) > 0 else "symlog")
         bottom, top = ax.get_ylim()  # an interval past [0, 1] is cut at the axis
         ax.set(xlabel=panel.xlabel, ylabel="final held-out accuracy",
@@ -339,8 +341,8 @@ def markdown(sweep_dir: Path, rows: list[Row], configs: list[Configuration],
         f"{' to '.join(map(str, (seeds[0], seeds[-1]) if len(seeds) > 1 else seeds))} "
         "finished seeds each. A marker is a configuration's mean over its finished seeds; "
         f"its error bars, in both axes, are the {LEVEL:.0%} Student-t confidence interval of "
-        "the mean (t(0.975, n-1) * s / sqrt(n)), and a configuration with one seed has "
-        "none. Tables give mean ± half-width. The Pareto front (black line) runs through "
+        "the mean (t(0.975, n-1) * s / sqrt(n)), drawn cut at 0 on a cost axis, and a "
+        "configuration with one seed has none. Tables give mean ± half-width, uncut. The Pareto front (black line) runs through "
         "the means: a configuration is on it when no other is at least as accurate for no "
         "more mean cost. Each figure is a PNG (200 dpi) with a vector PDF beside it.", ""]
     for panel in panels:
