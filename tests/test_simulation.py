@@ -16,7 +16,8 @@ SUMMARY_FIELDS = {"final_accuracy", "best_accuracy", "total_bytes_up", "total_by
                   "dense_bytes_up", "dense_bytes_down", "compression_ratio_up",
                   "compression_ratio_down", "epsilon", "delta", "privacy", "model_params",
                   "model_fp32_bytes", "wall_time_s", "sim_time_s", "sim_time_to_target_s",
-                  "secure_aggregation"}
+                  "secure_aggregation", "total_bytes_up_wire_est", "total_bytes_down_wire_est",
+                  "dense_bytes_up_wire_est", "compression_ratio_up_wire_est", "wire_model"}
 
 
 def without_times(results: dict) -> list[dict]:
