@@ -87,7 +87,7 @@ class MeteredGrid(ForwardingGrid):
         super().__init__(grid)
         self._traffic = Traffic()
         self.wire = wire
-        self.dense_reply = dense_reply
+        self._dense_up = wire.up(*dense_reply)[1]  # a dense train reply's bytes up
         self._joined: set[int] = set()  # a resumed run joins again, as a new Flower run does
 
     def take(self) -> Traffic:
@@ -108,7 +108,7 @@ class MeteredGrid(ForwardingGrid):
                 traffic.objects_up += objects
                 # An update: a train reply with arrays (a declined client's reply has none).
                 update = msg.metadata.message_type == MessageType.TRAIN and size > 0
-                traffic.wire_up_dense += self.wire.up(*self.dense_reply)[1] if update else wire_up
+                traffic.wire_up_dense += self._dense_up if update else wire_up
                 continue
             traffic.wire_up_dense += wire_up
             traffic.bytes_down += size

@@ -239,8 +239,7 @@ def _run(  # pylint: disable=too-many-arguments,too-many-locals
             timeout=ROUND_TIMEOUT_S, train_config=ConfigRecord({"lr": cfg.lr, **shape}),
             evaluate_config=ConfigRecord(shape), evaluate_fn=evaluate_fn,
         )
-        recorder.write(out)
-        tracker.log_summary(recorder.results()["summary"])
+        tracker.log_summary(recorder.write(out)["summary"])
     finally:
         tracker.close()
     log(INFO, "smallfed: results in %s (%.1f s)", out.resolve(), time.perf_counter() - started)

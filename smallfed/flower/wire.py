@@ -102,9 +102,10 @@ class WireModel:
 # benchmarks/results/deploy_loopback-{first,second}*.json`: 10 SuperNodes, TLS, node
 # authentication; dense and top-k 1% uplinks, in two sessions with rounds of 50-125 s
 # (the first runs' object counts added afterwards: see their "note"; the second runs'
-# estimates were made with earlier constants). deploy_loopback.json and its top-k
-# sibling are later runs, made with these constants: the check. Polling is the rate while a round runs, below the idle rate (about 357 B/s
-# up and 186 down per node): a node busy with its ClientApp polls less.
+# estimates were made with earlier constants). The top-k run without a session in its
+# name is later, made with these constants: the check. Polling is the rate while a
+# round runs, below the idle rate (about 357 B/s up and 186 down per node): a node
+# busy with its ClientApp polls less.
 FLOWER_1_42 = WireModel(
     flwr_version="1.42.0",
     request_up=1069.2, request_down=225.1, framing_up=0.0029, framing_down=0.0219,
