@@ -134,9 +134,14 @@ class InProcessGrid(Grid):
         if together:
             assert self._cohort is not None
             size = self._cohort_size
-            replies = [reply for start in range(0, len(messages), size)
-                       for reply in self._cohort.run(
-                           [lambda m=m: self._deliver(m) for m in messages[start:start + size]])]
+            # In partition order, not the strategy's (node ids are random per run): a
+            # client's place in the batch changes its float rounding, so a run with the
+            # same seed must put it in the same place.
+            ordered = sorted(messages, key=lambda m: self._index.get(m.metadata.dst_node_id, -1))
+            trained = {id(m): reply for start in range(0, len(ordered), size)
+                       for m, reply in zip(ordered[start:start + size], self._cohort.run(
+                           [lambda m=m: self._deliver(m) for m in ordered[start:start + size]]))}
+            replies = [trained[id(m)] for m in messages]
         else:
             replies = [self._deliver(msg) for msg in messages]
         for msg, reply in zip(messages, replies):
