@@ -20,7 +20,7 @@ from torch import nn
 
 from smallfed.compact.pruning import masked_training
 from smallfed.cohort.stacked import StackedModel, refusal
-from smallfed.cohort.trainer import DpPlan, Job, train_cohort
+from smallfed.cohort.trainer import DpPlan, Job, lanes_of, train_cohort
 from smallfed.config import Config, ConfigError
 from smallfed.models import build_model
 from smallfed.privacy.local_dp import planned_step, train_private
@@ -61,8 +61,10 @@ def test_models_that_cannot_be_stacked_say_why() -> None:
     assert refusal(build_model("cnn-tiny", (1, 8, 8), 10, 0)) == ""
 
 
-def test_a_cohort_trains_each_client_as_it_would_train_alone() -> None:
-    """Different sizes and steps, momentum, weight decay, FedProx and pruning masks."""
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_a_cohort_trains_each_client_as_it_would_train_alone(lanes: int) -> None:
+    """Different sizes and steps, momentum, weight decay, FedProx and pruning masks; in
+    one stack or in several trained at once."""
     cfg = Config(batch_size=8, local_epochs=2, lr=0.05, momentum=0.9, weight_decay=1e-3)
     base = build_model("cnn-tiny", (1, 12, 12), 10, 0)
     said: list[str] = []
@@ -77,7 +79,7 @@ def test_a_cohort_trains_each_client_as_it_would_train_alone() -> None:
             expected.append(train(model, x, y, cfg, client_generator(1, 2, i), mus[i]))
     jobs = [Job(model, x, y, cfg, client_generator(1, 2, i), mus[i], masks[i])
             for i, ((x, y), model) in enumerate(zip(client_data((1, 12, 12)), together))]
-    got = train_cohort(jobs, CPU, said.append)
+    got = train_cohort(jobs, CPU, said.append, lanes=lanes)
     assert not said
     for want, have, a, b in zip(expected, got, alone, together):
         assert isinstance(have, TrainResult)
@@ -88,11 +90,13 @@ def test_a_cohort_trains_each_client_as_it_would_train_alone() -> None:
     assert max_difference(together[1], base) > 1e-3  # and the others did train
 
 
-@pytest.mark.parametrize("name,shape,masks", [
-    ("cnn-tiny", (1, 12, 12), {"0.weight": (16, 1, 3, 3), "11.weight": (10, 64)}),
-    ("mlp", (64,), {"1.weight": (64, 64)})])
+@pytest.mark.parametrize("name,shape,masks,lanes", [
+    ("cnn-tiny", (1, 12, 12), {"0.weight": (16, 1, 3, 3), "11.weight": (10, 64)}, 1),
+    ("cnn-tiny", (1, 12, 12), {"0.weight": (16, 1, 3, 3), "11.weight": (10, 64)}, 2),
+    ("mlp", (64,), {"1.weight": (64, 64)}, 1)])
 def test_dp_sgd_in_a_cohort_draws_opacus_batches_and_noise(
-        name: str, shape: tuple[int, ...], masks: dict[str, tuple[int, ...]]) -> None:
+        name: str, shape: tuple[int, ...], masks: dict[str, tuple[int, ...]],
+        lanes: int) -> None:
     """Same seeds, same Poisson batches and Gaussian noise as Opacus: the same models,
     with pruning masks on some clients (a convolution's and a linear layer's), and
     clients of different sizes, so different sample rates, noise multipliers (a target
@@ -116,7 +120,7 @@ def test_dp_sgd_in_a_cohort_draws_opacus_batches_and_noise(
                         masks=kept[i], dp=DpPlan(noise, rate, int(len(y) * rate), len(y))))
     assert len({job.dp.noise_multiplier for job in jobs}) > 1
     said: list[str] = []
-    got = train_cohort(jobs, CPU, said.append)
+    got = train_cohort(jobs, CPU, said.append, lanes=lanes)
     assert not said
     for want, have, a, b in zip(expected, got, alone, together):
         assert want is not None and isinstance(have, TrainResult)
@@ -128,9 +132,23 @@ def test_dp_sgd_in_a_cohort_draws_opacus_batches_and_noise(
     assert max_difference(other_seed, together[1]) > 1e-2  # the noise is there, and seeded
 
 
-def test_a_failed_batch_trains_its_clients_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lanes_split_a_cohort_into_stacks_of_about_equal_cost() -> None:
+    steps = [125, 90, 85, 70, 50, 45, 45, 45, 30, 25]
+    stacks = lanes_of(list(range(10)), steps, 2)
+    assert sorted(i for stack in stacks for i in stack) == list(range(10))
+    assert [0] in [stack[:1] for stack in stacks] and [1] in [stack[:1] for stack in stacks]
+    costs = [max(steps[i] for i in s) + sum(steps[i] for i in s) for s in stacks]
+    assert max(costs) / min(costs) < 1.1
+    assert lanes_of(list(range(10)), steps, 2) == stacks  # deterministic
+    assert lanes_of([4, 7], [3, 3], 5) == [[4], [7]] and lanes_of([], [], 2) == []
+    assert lanes_of([1, 2, 3], [5, 1, 9], 1) == [[1, 2, 3]]
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_a_failed_batch_trains_its_clients_alone(monkeypatch: pytest.MonkeyPatch,
+                                                 lanes: int) -> None:
     """Out of memory, say: the batch's clients train on their own paths instead, and
-    the run says why once."""
+    the run says why (once per failed stack; the cohort logs a message once)."""
     cfg = Config(batch_size=8, local_epochs=1)
     base = build_model("cnn-tiny", (1, 12, 12), 10, 0)
     models = [copy.deepcopy(base) for _ in SIZES]
@@ -145,8 +163,8 @@ def test_a_failed_batch_trains_its_clients_alone(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr("smallfed.cohort.trainer._Group.train", no_memory)
     said: list[str] = []
-    got = train_cohort(jobs, CPU, said.append)
-    assert len(said) == 1 and "out of memory" in said[0]
+    got = train_cohort(jobs, CPU, said.append, lanes=lanes)
+    assert len(said) == lanes and "out of memory" in said[0]
     assert [r.steps for r in got] == [3, 5, 1, 4, 0]  # type: ignore[union-attr]
     assert max_difference(models[1], base) > 1e-3
 
@@ -168,9 +186,9 @@ def count_batched(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     sizes: list[int] = []
     real = trainer.train_cohort
 
-    def spy(jobs: list[Job], *args: object) -> list:
+    def spy(jobs: list[Job], *args: object, **kwargs: object) -> list:
         sizes.append(len(jobs))
-        return real(jobs, *args)
+        return real(jobs, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "train_cohort", spy)
     return sizes

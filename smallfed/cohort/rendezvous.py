@@ -124,7 +124,8 @@ class Cohort:
 
         try:  # whatever happens, every waiting call gets an outcome, or it waits forever
             with threads(self.threads):
-                outcomes: list = train_cohort([s.job for s in slots], self.device, self.say)
+                outcomes: list = train_cohort([s.job for s in slots], self.device, self.say,
+                                             lanes=self.threads)
         except Exception as err:  # pylint: disable=broad-exception-caught
             outcomes = [err] * len(slots)
         for slot, outcome in zip(slots, outcomes):
