@@ -54,6 +54,30 @@ def test_the_stacked_forward_is_each_copys_own(name: str, shape: tuple[int, ...]
         torch.testing.assert_close(stacked[:, i], model(x[:, i]), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, (3, 2), stride=2, padding=(2, 1), bias=False),
+    nn.Conv2d(1, 4, 3, dilation=2), nn.Conv2d(1, 4, 3, padding="same"), nn.Conv2d(2, 4, 3)])
+def test_a_stacked_convolution_and_its_gradient_are_each_copys_own(conv: nn.Conv2d) -> None:
+    """One input channel takes the unfolded form, others the grouped convolution."""
+    gen = torch.Generator().manual_seed(2)
+    models = [nn.Sequential(copy.deepcopy(conv), nn.Flatten()) for _ in range(3)]
+    for model in models:
+        for p in model.parameters():
+            p.data = torch.randn(p.shape, generator=gen)
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models])
+              .requires_grad_() for n, _ in models[0].named_parameters()}
+    x = torch.randn(5, 3, conv.in_channels, 9, 8, generator=gen)
+    out = StackedModel(models[0])(params, x)
+    weights = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad((out * weights).sum(), list(params.values()))
+    for i, model in enumerate(models):
+        own = model(x[:, i])
+        torch.testing.assert_close(out[:, i], own, atol=1e-5, rtol=1e-5)
+        for grad, want in zip(grads, torch.autograd.grad((own * weights[:, i]).sum(),
+                                                         list(model.parameters()))):
+            torch.testing.assert_close(grad[i], want, atol=1e-4, rtol=1e-5)
+
+
 def test_models_that_cannot_be_stacked_say_why() -> None:
     assert "not an nn.Sequential" in refusal(build_model("cnn-shared", (1, 8, 8), 10, 0))
     with_bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))

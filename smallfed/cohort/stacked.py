@@ -68,6 +68,9 @@ def refusal(model: nn.Module) -> str:
 
 
 def _conv(prefix: str, conv: nn.Conv2d) -> Layer:
+    if conv.in_channels == 1 and conv.groups == 1 and not isinstance(conv.padding, str):
+        return _conv_one_channel(prefix, conv)
+
     def run(params: Params, h: torch.Tensor, _tape: Tape | None = None) -> torch.Tensor:
         b, g = h.shape[:2]
         weight = params[prefix + "weight"]
@@ -76,6 +79,30 @@ def _conv(prefix: str, conv: nn.Conv2d) -> Layer:
                        None if bias is None else bias.reshape(-1), conv.stride, conv.padding,
                        conv.dilation, conv.groups * g)
         return out.reshape(b, g, -1, *out.shape[2:])
+    return run
+
+
+def _conv_one_channel(prefix: str, conv: nn.Conv2d) -> Layer:
+    """A convolution of one input channel (a first layer on grey images) as a matrix
+    product over unfolded patches. Why: oneDNN's grouped convolution handles groups of
+    one input channel poorly; this form measured 2x faster, forward and backward, for
+    5 clients' batches of 8 MNIST images on one thread (8.2 against 4.1 ms). With more
+    input channels the grouped convolution wins (3 channels: 9.3 against 14.4 ms)."""
+    def run(params: Params, h: torch.Tensor, _tape: Tape | None = None) -> torch.Tensor:
+        b, g, _, height, width = h.shape
+        weight = params[prefix + "weight"]  # (g, out, 1, kh, kw)
+        bias = params.get(prefix + "bias")
+        cols = F.unfold(h.reshape(b * g, 1, height, width), conv.kernel_size, conv.dilation,
+                        conv.padding, conv.stride)  # (b * g, kh * kw, positions)
+        cols = cols.view(b, g, *cols.shape[1:]).transpose(0, 1)  # (g, b, kh * kw, positions)
+        out = torch.matmul(weight.reshape(g, 1, weight.shape[1], -1), cols)
+        if bias is not None:
+            out = out + bias.view(g, 1, -1, 1)
+        rows, columns = (
+            (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+            for size, pad, dilation, kernel, stride in zip(
+                (height, width), conv.padding, conv.dilation, conv.kernel_size, conv.stride))
+        return out.transpose(0, 1).reshape(b, g, -1, rows, columns)
     return run
 
 
