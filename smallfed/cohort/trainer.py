@@ -7,7 +7,8 @@ of steps, its pruning masks and FedProx anchor, its momentum buffer, and under D
 its Poisson batches and Gaussian noise (drawn from a generator seeded as Opacus's
 global one is in :func:`smallfed.privacy.local_dp.train_private`, in the same order).
 What they share is the arithmetic: one stacked forward and backward pass
-(:mod:`smallfed.cohort.stacked`) per step for all clients still training. Clients
+(:mod:`smallfed.cohort.stacked`) per step for all clients of a stack still training
+(on a CPU, a round's clients form one stack per thread, :func:`lanes_of`). Clients
 are sorted by their number of steps, so those still training are always a prefix of
 the stack and each step works on views, not copies.
 
