@@ -136,7 +136,7 @@ def main() -> None:
             f"cohort ({torch.get_num_threads()} threads)"][1]
         report["dp_cohort_over_cohort"] = round(dp_ratio, 3)
         print(f"DP-SGD cohort / cohort without DP: {dp_ratio:.2f}x")
-    if args.seeds:
+    if set(args.seeds) - {cfg.seed}:
         report["accuracy_over_seeds"] = _over_seeds(
             cfg, cohort, rows, [cfg.seed, *args.seeds], run)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -150,15 +150,17 @@ def _over_seeds(cfg: Config, cohort: Config, rows: dict, seeds: list[int], run) 
 
     final = {cfg.seed: (rows["smallfed simulate (inprocess)"][0][-1],
                         rows[f"cohort ({torch.get_num_threads()} threads)"][0][-1])}
-    for seed in seeds[1:]:
+    for seed in seeds:
+        if seed in final:  # the config's own seed, or one given twice
+            continue
         final[seed] = (run(cfg.replace(seed=seed))[0][-1], run(cohort.replace(seed=seed))[0][-1])
     deltas = np.array([100 * (c - s) for s, c in final.values()])
     half = float(stats.t.ppf(0.975, len(deltas) - 1) * deltas.std(ddof=1) / np.sqrt(len(deltas)))
-    summary = {"seeds": seeds, "sequential": [s for s, _ in final.values()],
+    summary = {"seeds": list(final), "sequential": [s for s, _ in final.values()],
                "cohort": [c for _, c in final.values()],
                "mean_points_vs_sequential": round(float(deltas.mean()), 3),
                "ci95_half_width": round(half, 3)}
-    print(f"cohort vs sequential over seeds {seeds}: {deltas.mean():+.2f} ± {half:.2f} points "
+    print(f"cohort vs sequential over seeds {list(final)}: {deltas.mean():+.2f} ± {half:.2f} points "
           f"(per seed {', '.join(f'{d:+.2f}' for d in deltas)})")
     return summary
 

@@ -102,19 +102,23 @@ def train_cohort(jobs: list[Job], device: torch.device, say: Callable[[str], Non
     """Train every job, each group of alike jobs as stacked computations.
 
     On a CPU a group is split into up to ``lanes`` stacks (:func:`lanes_of`) that
-    train at once, on one thread and one intra-op thread each. Why: a stacked step
-    costs a fixed part plus a part per client, and torch's small kernels use a
-    second intra-op thread poorly (a step of 10 clients: 1.5x faster on 2 threads
-    than on 1), while two stacks on their own threads run 2x as many steps. Which
-    clients share a stack depends only on their number of steps and order, so a
-    run is reproducible on one machine; on one with another thread count a client
-    may share its stack with others, and its float rounding differs.
+    train at once, ``lanes`` at a time, each on its own thread with torch's thread
+    count divided among them (one intra-op thread each when ``lanes`` is the count).
+    Why: a stacked step costs a fixed part plus a part per client, and torch's small
+    kernels use a second intra-op thread poorly (a step of 10 clients: 1.5x faster on
+    2 threads than on 1), while two stacks on their own threads run 2x as many steps.
+    With more lanes than clients every client is its own stack, which is the
+    sequential path in parallel. Which clients share a stack depends only on their
+    order and number of steps, so a run is reproducible on one machine; on one with
+    another thread count a client may share its stack with others, and its float
+    rounding differs. (The thread count is per thread with torch's OpenMP backend,
+    the one of its CPU wheels; with a process-wide backend the stacks share it.)
 
     A stack that fails (out of memory, say) writes back nothing; ``say`` tells why
     and its jobs train one after another on their own paths, on this thread after
-    every stack has finished (their sequential paths use torch's global state), so
-    one failure fails only the clients that fail alone too (their exception is
-    their outcome).
+    every stack has finished (their sequential paths use torch's global state), from
+    the generator states they had before the stack drew from them, so one failure
+    fails only the clients that fail alone too (their exception is their outcome).
     """
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
@@ -123,25 +127,34 @@ def train_cohort(jobs: list[Job], device: torch.device, say: Callable[[str], Non
     stacks = [stack for members in groups.values()
               for stack in lanes_of(members, [_Group.steps_of(jobs[i]) for i in members],
                                     split)]
-    per_stack = max(1, torch.get_num_threads() // max(1, min(split, len(stacks))))
+    workers = min(split, len(stacks))
+    count = torch.get_num_threads()
+    per_stack = max(1, count // max(1, workers))
+    drawn = [job.generator.get_state() for job in jobs]
 
     def train(members: list[int]) -> list[TrainResult] | Exception:
+        # Set, not restored: a pool thread's own count; a restore could copy a
+        # sibling's count into the process-wide default torch keeps.
+        torch.set_num_threads(per_stack)
         try:
-            with threads(per_stack):
-                return _Group([jobs[i] for i in members], device).train()
+            return _Group([jobs[i] for i in members], device).train()
         except Exception as err:  # pylint: disable=broad-exception-caught
             return err
 
-    if len(stacks) > 1 and split > 1:
-        with ThreadPoolExecutor(min(split, len(stacks))) as pool:
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
             trained = list(pool.map(train, stacks))
+        torch.set_num_threads(count)
     else:
-        trained = [train(members) for members in stacks]
+        with threads(per_stack):
+            trained = [train(members) for members in stacks]
     outcomes: list[TrainResult | BaseException | None] = [None] * len(jobs)
     for members, results in zip(stacks, trained):
         if isinstance(results, Exception):
             say(f"a batch failed ({type(results).__name__}: {results}); its clients train "
                 "one after another")
+            for i in members:
+                jobs[i].generator.set_state(drawn[i])
             results = [_alone(jobs[i], results) for i in members]
         for i, outcome in zip(members, results):
             outcomes[i] = outcome
