@@ -192,7 +192,7 @@ def test_a_point_no_node_can_hold_is_refused(cluster: str, tmp_path: Path,
 
 
 def test_ctrl_c_cancels_the_running_point(cluster: str, tmp_path: Path) -> None:
-    config = write_sweep(tmp_path, rounds=500, sign=False)
+    config = write_sweep(tmp_path, rounds=100_000, sign=False)  # never finishes first
     running: list[int] = []  # the Ray worker that runs the point (titled by its task)
 
     def ctrl_c_once_the_point_runs() -> None:
