@@ -133,21 +133,22 @@ def train_cohort(jobs: list[Job], device: torch.device, say: Callable[[str], Non
     drawn = [job.generator.get_state() for job in jobs]
 
     def train(members: list[int]) -> list[TrainResult] | Exception:
-        # Set, not restored: a pool thread's own count; a restore could copy a
-        # sibling's count into the process-wide default torch keeps.
+        # Set, not restored here: in a pool thread a restore could copy a sibling's
+        # count into the process-wide default torch keeps. The caller restores its own.
         torch.set_num_threads(per_stack)
         try:
             return _Group([jobs[i] for i in members], device).train()
         except Exception as err:  # pylint: disable=broad-exception-caught
             return err
 
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            trained = list(pool.map(train, stacks))
-        torch.set_num_threads(count)
-    else:
-        with threads(per_stack):
+    try:
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                trained = list(pool.map(train, stacks))
+        else:
             trained = [train(members) for members in stacks]
+    finally:
+        torch.set_num_threads(count)
     outcomes: list[TrainResult | BaseException | None] = [None] * len(jobs)
     for members, results in zip(stacks, trained):
         if isinstance(results, Exception):

@@ -138,9 +138,11 @@ class InProcessGrid(Grid):
             # client's place in the batch changes its float rounding, so a run with the
             # same seed must put it in the same place.
             ordered = sorted(messages, key=lambda m: self._index.get(m.metadata.dst_node_id, -1))
-            trained = {id(m): reply for start in range(0, len(ordered), size)
-                       for m, reply in zip(ordered[start:start + size], self._cohort.run(
-                           [lambda m=m: self._deliver(m) for m in ordered[start:start + size]]))}
+            trained: dict[int, Message] = {}
+            for start in range(0, len(ordered), size):
+                chunk = ordered[start:start + size]
+                tasks = [lambda m=m: self._deliver(m) for m in chunk]
+                trained.update(zip(map(id, chunk), self._cohort.run(tasks)))
             replies = [trained[id(m)] for m in messages]
         else:
             replies = [self._deliver(msg) for msg in messages]
