@@ -81,6 +81,32 @@ def test_a_stacked_convolution_and_its_gradient_are_each_copys_own(conv: nn.Conv
             torch.testing.assert_close(grad[i], want, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layers", [
+    (nn.ReLU(), nn.MaxPool2d(2)), (nn.MaxPool2d(2),), (nn.Tanh(), nn.MaxPool2d(2)),
+    (nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)),
+    (nn.MaxPool2d((2, 3), dilation=2), nn.ReLU())])
+def test_stacked_max_pooling_is_bit_for_bit_torchs(layers: tuple[nn.Module, ...]) -> None:
+    """Pooling takes the channels-last forward, and a ReLU before it runs after it:
+    values and gradients must still be exactly those of the layers as written, with
+    ties (zeros after the ReLU, equal values) and a NaN in the input."""
+    model = nn.Sequential(*layers, nn.Flatten())
+    stacked = StackedModel(model)
+    assert any("_max_pool" in layer.__qualname__ for layer in stacked.layers)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 2, 9, 10, generator=gen).round()  # many equal values
+    x[0, 1, 0, 2, 3] = float("nan")
+    x.requires_grad_()
+    out = stacked({}, x)
+    weights = torch.randn(out.shape, generator=gen)
+    (grad,) = torch.autograd.grad((out.nan_to_num() * weights).sum(), [x])
+    alone = x.detach().clone().requires_grad_()
+    want = model(alone.reshape(12, 2, 9, 10)).reshape(out.shape)
+    (want_grad,) = torch.autograd.grad((want.nan_to_num() * weights).sum(), [alone])
+    assert out.isnan().any()
+    torch.testing.assert_close(out, want, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(grad, want_grad, rtol=0, atol=0, equal_nan=True)
+
+
 def test_models_that_cannot_be_stacked_say_why() -> None:
     assert "not an nn.Sequential" in refusal(build_model("cnn-shared", (1, 8, 8), 10, 0))
     with_bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
