@@ -39,9 +39,10 @@ def fake_mnist(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def dp_noise_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Calibrated DP noise (smallfed.privacy.calibration) goes to a folder of this session,
-    never the user's ~/.cache; the processes the tests start inherit it. A
+def smallfed_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """smallfed's disk cache (DP noise calibrations, data splits: smallfed.cache) goes
+    to a folder of this session, never the user's ~/.cache; the processes the tests
+    start inherit it. A
     SMALLFED_CACHE_DIR already set is kept (a CI can share one across runs)."""
     import os  # pylint: disable=import-outside-toplevel
 

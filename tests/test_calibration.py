@@ -11,6 +11,7 @@ import pytest
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from smallfed import cache as disk_cache
 from smallfed.config import Config, ConfigError
 from smallfed.privacy import calibration, check_privacy_config
 from smallfed.privacy.local_dp import noise_for, planned_rounds, sample_rate, steps_per_round
@@ -114,9 +115,9 @@ def test_an_unwritable_cache_warns_once_and_still_calibrates(
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("SMALLFED_CACHE_DIR", str(blocker))
-    monkeypatch.setattr(calibration, "_warned_unwritable", False)
+    monkeypatch.setattr(disk_cache, "_warned", set())
     warnings: list[tuple] = []
-    monkeypatch.setattr(calibration, "log", lambda *args: warnings.append(args))
+    monkeypatch.setattr(disk_cache, "log", lambda *args: warnings.append(args))
     calibration.noise_multiplier.cache_clear()
     try:
         noises = [calibration.noise_multiplier(2.0, DELTA, 0.02, steps, "rdp")

@@ -22,6 +22,7 @@ from smallfed.data import (
     register_dataset,
     write_device_data,
 )
+from smallfed.data import partition
 from smallfed.data.datasets import load_mnist
 from tests.conftest import write_idx
 
@@ -68,12 +69,38 @@ def test_partitions_are_disjoint_and_seeded(partitioner: str) -> None:
     assert len(parts) == 10 and all(len(p) > 0 for p in parts)
     joined = np.concatenate(parts)
     assert len(np.unique(joined)) == len(joined)  # no sample in two clients
-    again = partition_indices(labels, cfg)
+    again = partition._split(labels, cfg)  # pylint: disable=protected-access  # uncached
     assert all(np.array_equal(a, b) for a, b in zip(parts, again))
     if partitioner == "pathological":
         assert all(len(np.unique(labels[p])) <= 3 for p in parts)
     if partitioner == "iid":
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_a_split_is_made_once_and_then_read_from_the_disk_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SMALLFED_CACHE_DIR", str(tmp_path))
+    cfg = Config(num_clients=10, partitioner="dirichlet")
+    labels = load_dataset(cfg).train_y
+    splits: list[int] = []
+    real_split = partition._split  # pylint: disable=protected-access
+
+    def counted(labels: torch.Tensor, cfg: Config) -> list[np.ndarray]:
+        splits.append(cfg.seed)
+        return real_split(labels, cfg)
+
+    monkeypatch.setattr(partition, "_split", counted)
+    first = partition_indices(labels, cfg)
+    (entry,) = (tmp_path / "splits").iterdir()
+    assert [np.array_equal(a, b) for a, b in zip(first, partition_indices(labels, cfg))] == [
+        True] * 10
+    assert splits == [cfg.seed]  # the second came from the file
+    partition_indices(labels, replace(cfg, seed=7))  # another key, another entry
+    partition_indices(labels[:-1], cfg)  # other labels too
+    assert splits == [cfg.seed, 7, cfg.seed] and len(list((tmp_path / "splits").iterdir())) == 3
+    entry.write_bytes(entry.read_bytes()[:100])  # a broken entry is split again
+    assert all(np.array_equal(a, b) for a, b in zip(first, partition_indices(labels, cfg)))
+    assert len(splits) == 4
 
 
 def test_dirichlet_is_non_iid_and_alpha_matters() -> None:

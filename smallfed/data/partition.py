@@ -7,16 +7,28 @@ array and the images are never copied per client.
 ``datasets`` and ``flwr_datasets`` (with pandas and pyarrow, about 160 MB resident)
 are imported only when a split is made: a device's ClientApp imports this package
 but trains on its own ``data.npz`` and never splits anything.
+
+A split is kept in smallfed's cache on disk (``smallfed.cache``, ``splits/``), keyed by
+the labels, the partitioner's settings and the two libraries' versions: the import
+(3.7 s here) and the split (1.3 s for 100 Dirichlet clients on 8,000 labels, one
+``load_partition`` each) are otherwise paid again by every run, sweep point and
+process. A split that fails is not kept: its error is raised every time.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import warnings
+import zipfile
+from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from smallfed.cache import entry_path, write_atomic
 from smallfed.config import Config, ConfigError
 
 if TYPE_CHECKING:
@@ -51,8 +63,54 @@ def make_partitioner(cfg: Config) -> Partitioner:
     )
 
 
+SPLIT_FORMAT = "split-1"  # change it when the split or its file changes
+
+
 def partition_indices(labels: torch.Tensor, cfg: Config) -> list[np.ndarray]:
-    """Index arrays into the pool, one per client, in partition-id order."""
+    """Index arrays into the pool, one per client, in partition-id order (cached on disk)."""
+    key = split_key(labels, cfg)
+    path = entry_path("splits", key, ".npz")
+    parts = _read(path, key, len(labels), cfg.num_clients)
+    if parts is None:
+        parts = _split(labels, cfg)
+        _write(path, key, parts)
+    return parts
+
+
+def split_key(labels: torch.Tensor, cfg: Config) -> str:
+    """What a split depends on: the labels, the partitioner's settings, the libraries."""
+    digest = hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest()
+    return (f"{SPLIT_FORMAT}|flwr-datasets {metadata.version('flwr-datasets')}|"
+            f"datasets {metadata.version('datasets')}|{cfg.partitioner}|"
+            f"clients={cfg.num_clients}|alpha={cfg.alpha!r}|min={cfg.min_partition_size}|"
+            f"classes={cfg.classes_per_client}|shards={cfg.shards_per_client}|"
+            f"seed={cfg.seed}|labels={digest}")
+
+
+def _read(path: Path, key: str, pool: int, clients: int) -> list[np.ndarray] | None:
+    """The cached split, or None for a missing, unreadable, foreign or broken entry."""
+    try:
+        with np.load(path, allow_pickle=False) as entry:
+            if str(entry["key"]) != key:
+                return None
+            offsets, rows = entry["offsets"], entry["rows"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if (offsets.shape != (clients + 1,) or offsets[0] != 0 or offsets[-1] != len(rows)
+            or (np.diff(offsets) <= 0).any() or rows.dtype != np.int64
+            or (len(rows) and (rows.min() < 0 or rows.max() >= pool))):
+        return None
+    return [rows[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def _write(path: Path, key: str, parts: list[np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, key=np.array(key), rows=np.concatenate(parts),
+             offsets=np.cumsum([0, *map(len, parts)]))
+    write_atomic(path, buffer.getvalue(), "data splits")
+
+
+def _split(labels: torch.Tensor, cfg: Config) -> list[np.ndarray]:
     from datasets import Dataset as HFDataset  # pylint: disable=import-outside-toplevel
 
     table = HFDataset.from_dict(

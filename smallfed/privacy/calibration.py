@@ -15,9 +15,8 @@ point's run, then each client process. Here:
   accountant, computed as Opacus does, usually once (0.1-0.4 s). About 0.5 s per
   client size, against 5-8 s for Opacus's search;
 - the result is kept in memory and in a small JSON file per key under
-  ``<cache>/dp-noise/``, so no process searches for the same key twice.
-  ``<cache>`` is ``SMALLFED_CACHE_DIR``, else ``$XDG_CACHE_HOME/smallfed``, else
-  ``~/.cache/smallfed``. The key holds the inputs (exact float reprs), the accountant,
+  ``<cache>/dp-noise/`` (``smallfed.cache``), so no process searches for the same key
+  twice. The key holds the inputs (exact float reprs), the accountant,
   this algorithm's version and Opacus's, so a new accountant never serves old values.
 
 Tolerance: the noise multiplier returned gives, under Opacus's accountant, an epsilon
@@ -29,19 +28,15 @@ reaches the target.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib import metadata
-from logging import WARNING
 from pathlib import Path
 
-from flwr.supercore import log
+from smallfed.cache import entry_path, write_atomic
 
 TOLERANCE = 1e-3
 MAX_SIGMA = 1e6  # as Opacus's search: a target that needs more is out of reach
@@ -50,7 +45,6 @@ ALGORITHM = "secant-1"  # change it when the search or the accountants' use chan
 # so a PRV domain they size is a little wider), 6 times faster
 STAND_IN_ORDERS = (2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 20, 24, 32, 48, 63)
 _MAX_EVALUATIONS = 60  # per stage; the secant needs 3 or 4, bisection up to about 50
-_warned_unwritable = False
 
 
 @lru_cache(maxsize=4096)
@@ -71,12 +65,13 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
                          f"{steps} steps: need epsilon > 0, 0 < delta < 1, 0 < rate <= 1 "
                          "and steps >= 1")
     key = cache_key(target, delta, rate, steps, accountant)
-    path = cache_dir() / "dp-noise" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+    path = entry_path("dp-noise", key, ".json")
     cached = _read(path, key)
     if cached is not None:
         return cached
     sigma, eps = search(target, delta, rate, steps, accountant)
-    _write(path, {"key": key, "noise_multiplier": sigma, "epsilon": eps})
+    entry = {"key": key, "noise_multiplier": sigma, "epsilon": eps}
+    write_atomic(path, json.dumps(entry).encode(), "DP noise calibrations")
     return sigma
 
 
@@ -84,14 +79,6 @@ def cache_key(target: float, delta: float, rate: float, steps: int, accountant: 
     """What the result depends on, the floats as exact reprs."""
     return (f"{ALGORITHM}|opacus {metadata.version('opacus')}|{accountant}|"
             f"target={target!r}|delta={delta!r}|rate={rate!r}|steps={steps}")
-
-
-def cache_dir() -> Path:
-    """``SMALLFED_CACHE_DIR``, else ``$XDG_CACHE_HOME/smallfed``, else ``~/.cache/smallfed``."""
-    if folder := os.environ.get("SMALLFED_CACHE_DIR"):
-        return Path(folder)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "smallfed"
 
 
 def _read(path: Path, key: str) -> float | None:
@@ -104,28 +91,6 @@ def _read(path: Path, key: str) -> float | None:
     except (OSError, ValueError, TypeError, KeyError):
         pass
     return None
-
-
-def _write(path: Path, entry: dict) -> None:
-    """Write atomically (a temporary file in the same folder, then a rename), so
-    processes that calibrate at once never read half a file; warn once if it fails."""
-    global _warned_unwritable  # pylint: disable=global-statement
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(entry, fh)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as err:
-        if not _warned_unwritable:
-            _warned_unwritable = True
-            log(WARNING, "smallfed: cannot cache DP noise calibrations in %s (%s); each "
-                "process will search again. Set SMALLFED_CACHE_DIR to a writable folder",
-                path.parent, err)
 
 
 # --- the search --------------------------------------------------------------------------
