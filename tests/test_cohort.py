@@ -143,17 +143,19 @@ def test_a_cohort_trains_each_client_as_it_would_train_alone(lanes: int) -> None
     assert max_difference(together[1], base) > 1e-3  # and the others did train
 
 
-@pytest.mark.parametrize("name,shape,masks,lanes", [
-    ("cnn-tiny", (1, 12, 12), {"0.weight": (16, 1, 3, 3), "11.weight": (10, 64)}, 1),
-    ("cnn-tiny", (1, 12, 12), {"0.weight": (16, 1, 3, 3), "11.weight": (10, 64)}, 2),
-    ("mlp", (64,), {"1.weight": (64, 64)}, 1)])
+@pytest.mark.parametrize("name,shape,masks,lanes,subspace", [
+    ("cnn-tiny", (1, 12, 12), {"0.weight": (16, 1, 3, 3), "11.weight": (10, 64)}, 1, False),
+    ("cnn-tiny", (1, 12, 12), {"0.weight": (16, 1, 3, 3), "11.weight": (10, 64)}, 2, False),
+    ("mlp", (64,), {"1.weight": (64, 64)}, 1, False),
+    ("cnn-tiny", (1, 12, 12), {"0.weight": (16, 1, 3, 3), "11.weight": (10, 64)}, 1, True)])
 def test_dp_sgd_in_a_cohort_draws_opacus_batches_and_noise(
         name: str, shape: tuple[int, ...], masks: dict[str, tuple[int, ...]],
-        lanes: int) -> None:
+        lanes: int, subspace: bool) -> None:
     """Same seeds, same Poisson batches and Gaussian noise as Opacus: the same models,
     with pruning masks on some clients (a convolution's and a linear layer's), and
     clients of different sizes, so different sample rates, noise multipliers (a target
-    epsilon) and expected batch sizes in one batch."""
+    epsilon) and expected batch sizes in one batch; and in a shared random subspace
+    (the gradients projected before clipping, the noise zeroed outside it)."""
     cfg = Config(privacy="sample", batch_size=8, local_epochs=2, lr=0.05, momentum=0.9,
                  dp_target_epsilon=6.0, num_server_rounds=4, dp_clip=0.7)
     base = build_model(name, shape, 10, 0)
@@ -161,16 +163,20 @@ def test_dp_sgd_in_a_cohort_draws_opacus_batches_and_noise(
     rng = np.random.default_rng(4)
     kept = [{k: rng.random(s) > 0.4 for k, s in masks.items()} if i % 2 else {}
             for i in range(4)]
+    inside = {n: rng.random(p.shape) < 0.3 for n, p in base.named_parameters()} \
+        if subspace else {}
     alone, together = ([copy.deepcopy(base) for _ in with_data] for _ in range(2))
     expected = []
     for i, (model, (x, y)) in enumerate(zip(alone, with_data)):
         with masked_training(model, kept[i]):
-            expected.append(train_private(model, x, y, cfg, 100 + i, [], kept[i]).result)
+            expected.append(train_private(model, x, y, cfg, 100 + i, [], kept[i],
+                                          subspace=inside).result)
     jobs = []
     for i, (model, (x, y)) in enumerate(zip(together, with_data)):
         noise, rate, _ = planned_step(cfg, len(y))
         jobs.append(Job(model, x, y, cfg, torch.Generator().manual_seed(100 + i),
-                        masks=kept[i], dp=DpPlan(noise, rate, int(len(y) * rate), len(y))))
+                        masks=kept[i], dp=DpPlan(noise, rate, int(len(y) * rate), len(y)),
+                        subspace=inside))
     assert len({job.dp.noise_multiplier for job in jobs}) > 1
     said: list[str] = []
     got = train_cohort(jobs, CPU, said.append, lanes=lanes)
@@ -180,8 +186,11 @@ def test_dp_sgd_in_a_cohort_draws_opacus_batches_and_noise(
         assert (have.steps, have.num_examples) == (want.steps, want.num_examples)
         assert have.loss == pytest.approx(want.loss, rel=1e-5)
         assert max_difference(a, b) < 2e-5
+    for n, param in together[0].named_parameters():  # unpruned: only the subspace moved
+        moved = (param != dict(base.named_parameters())[n]).detach().numpy()
+        assert not subspace or (moved <= inside[n]).all()
     other_seed = copy.deepcopy(base)
-    train_private(other_seed, *with_data[1], cfg, 999, [])
+    train_private(other_seed, *with_data[1], cfg, 999, [], subspace=inside)
     assert max_difference(other_seed, together[1]) > 1e-2  # the noise is there, and seeded
 
 
@@ -311,17 +320,19 @@ def test_unbatchable_features_train_alone_and_say_so_once(
                      for r in together["rounds"]]
 
 
-def test_private_clients_in_a_subspace_train_alone(
+def test_private_clients_in_a_subspace_train_in_the_batch(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """DP-SGD in a shared subspace falls back (from inside train_private) and trains."""
-    cfg = Config(num_server_rounds=1, num_clients=4, clients_per_round=4, seed=7,
+    """DP-SGD in a shared subspace trains in the cohort, no fallback, as it would alone."""
+    cfg = Config(num_server_rounds=2, num_clients=4, clients_per_round=4, seed=7,
                  batch_size=16, privacy="sample", dp_noise=0.8, subspace=0.5,
-                 fraction_evaluate=0.0, cohort_size=4)
+                 fraction_evaluate=0.0, dp_reproducible=True)
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        results = simulate(cfg, tmp_path, progress=False)
-    said = [r.getMessage() for r in caplog.records if "cohort engine" in r.getMessage()]
-    assert len(said) == 1 and "subspace" in said[0]
-    assert results["rounds"][1]["clients"] == 4 and results["rounds"][1]["clients_failed"] == 0
+        together = simulate(cfg.replace(cohort_size=4), tmp_path / "cohort", progress=False)
+    assert not [r for r in caplog.records if "cohort engine" in r.getMessage()]
+    alone = simulate(cfg, tmp_path / "alone", progress=False)
+    for a, b in zip(alone["rounds"], together["rounds"]):
+        assert b["clients"] == a["clients"] and b["clients_failed"] == 0
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
 
 
 def test_cohort_settings_that_cannot_run_fail_before_any_work(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from smallfed.cohort import stacked
 from smallfed.cohort.rendezvous import threads
 from smallfed.cohort.stacked import Params, StackedModel, Tape
 from smallfed.config import Config
+from smallfed.privacy.subspace import combine
 from smallfed.training import TrainResult
 
 
@@ -53,8 +54,11 @@ class Job:
     cfg: Config
     generator: torch.Generator  # the client's data-order (or DP) randomness
     proximal_mu: float = 0.0
-    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # pruning: 1 keeps a weight
     dp: "DpPlan | None" = None
+    # DP-SGD in a shared subspace (train_private): each sample's gradient kept inside it
+    # before clipping, the noised gradient zeroed outside it; the weights are not masked
+    subspace: dict[str, np.ndarray] = field(default_factory=dict)
     alone: Callable[[], TrainResult] | None = None  # the sequential path, if a batch fails
 
 
@@ -210,7 +214,10 @@ class _Group:
             n: torch.stack([params[n].detach() for params in own]).to(device)
             for n, _ in jobs[0].model.named_parameters()}
         self.momentum = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        self.keep = self._keep()
+        self.keep = self._stacked(lambda job: job.masks)  # enforced on the weights
+        # kept in each sample's gradient before clipping, and outside it after the noise
+        self.clip_keep = self._stacked(lambda job: combine(job.masks, job.subspace))
+        self.project = self._stacked(lambda job: job.subspace)
         mus = [job.proximal_mu for job in self.jobs]
         self.mu = torch.tensor(mus, device=device) if any(mus) else None
         self.anchor = {n: p.clone() for n, p in self.params.items()} if self.mu is not None \
@@ -226,15 +233,16 @@ class _Group:
             return int(1 / job.dp.sample_rate) * job.cfg.local_epochs
         return math.ceil(len(job.y) / job.cfg.batch_size) * job.cfg.local_epochs
 
-    def _keep(self) -> Params:
-        """Per name, 1 where each client's mask keeps the weight (1 without a mask)."""
-        names = {n for job in self.jobs for n in job.masks if n in self.params}
+    def _stacked(self, masks_of: Callable[[Job], dict[str, np.ndarray]]) -> Params:
+        """Per name, 1 where each client's mask keeps the coordinate (1 without a mask)."""
+        masks = [masks_of(job) for job in self.jobs]
+        names = {n for own in masks for n in own if n in self.params}
         keep = {}
         for name in names:
             shape = self.params[name].shape[1:]
             keep[name] = torch.stack([
-                torch.from_numpy(job.masks[name]).to(torch.float32) if name in job.masks
-                else torch.ones(shape) for job in self.jobs]).to(self.device)
+                torch.from_numpy(own[name]).to(torch.float32) if name in own
+                else torch.ones(shape) for own in masks]).to(self.device)
         return keep
 
     def train(self) -> list[TrainResult]:
@@ -324,17 +332,21 @@ class _Group:
         noisy = []
         batches = torch.tensor([job.dp.expected_batch_size for job in self.jobs[:k]],
                                dtype=torch.float32, device=self.device)
-        for total in summed.values():
+        for name, total in summed.items():
             noise = torch.stack([self._noise(job, total.shape[1:]) for job in self.jobs[:k]])
             scale = batches.view(-1, *[1] * (total.dim() - 1))
-            noisy.append((total + noise.to(self.device)) / scale)
+            grad = (total + noise.to(self.device)) / scale
+            if name in self.project:  # as train_private's step hook: after the noise
+                grad = grad * self.project[name][:k]
+            noisy.append(grad)
         return loss.detach(), noisy
 
     def _clipped_sums(self, rows: torch.Tensor, k: int, width: int
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Each client's mean loss on its Poisson batch ``rows`` (k, width; -1 pads) and
         its per-sample gradients clipped to dp-clip and summed, as Opacus's DPOptimizer
-        sums them (pruned coordinates zeroed before the norm, as train_private does)."""
+        sums them (pruned coordinates and those outside a subspace zeroed before the
+        norm, as train_private does)."""
         valid = (rows >= 0).reshape(-1)
         params, copies = {}, {}
         for name, p in self.params.items():
@@ -355,16 +367,16 @@ class _Group:
         linear: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for (prefix, inputs, _), out_grad in zip(tape, grads[len(copies):]):
             weight, bias = prefix + "weight", prefix + "bias"
-            if weight in self.keep:  # ||(g a^T) * M||^2 = sum_oi g_o^2 M_oi a_i^2 (M is 0/1)
+            if weight in self.clip_keep:  # ||(g a^T) * M||^2 = sum_oi g_o^2 M_oi a_i^2 (M: 0/1)
                 squares = squares + torch.einsum(
-                    "kbo,koi,kbi->kb", out_grad.pow(2), self.keep[weight][:k],
+                    "kbo,koi,kbi->kb", out_grad.pow(2), self.clip_keep[weight][:k],
                     inputs.pow(2)).reshape(-1)
             else:  # ||g a^T|| = ||g|| ||a||: no per-sample matrix needed
                 squares = squares + (out_grad.pow(2).sum(2) * inputs.pow(2).sum(2)).reshape(-1)
             linear[weight] = (out_grad, inputs)
             if bias in self.params:
-                bias_grad = out_grad * self.keep[bias][:k].unsqueeze(1) if bias in self.keep \
-                    else out_grad
+                bias_grad = out_grad * self.clip_keep[bias][:k].unsqueeze(1) \
+                    if bias in self.clip_keep else out_grad
                 squares = squares + bias_grad.pow(2).sum(2).reshape(-1)
                 linear[bias] = (bias_grad, None)
         factor = ((self.cfg.dp_clip / (squares.sqrt() + 1e-6)).clamp(max=1.0) * valid
@@ -379,16 +391,16 @@ class _Group:
             else:
                 out_grad, inputs = linear[name]
                 summed[name] = torch.bmm((out_grad * factor.unsqueeze(2)).transpose(1, 2), inputs)
-                if name in self.keep:  # the mask applied to each sample's matrix, summed
-                    summed[name] = summed[name] * self.keep[name][:k]
+                if name in self.clip_keep:  # the mask on each sample's matrix, summed
+                    summed[name] = summed[name] * self.clip_keep[name][:k]
         counts = valid.view(k, width).sum(1)
         loss = (per_sample * valid).view(k, width).sum(1) / counts.clamp(min=1)
         return loss.detach(), summed
 
     def _kept(self, name: str, grad: torch.Tensor, k: int, width: int) -> torch.Tensor:
-        if name not in self.keep:
+        if name not in self.clip_keep:
             return grad
-        return grad * self.keep[name][:k].repeat_interleave(width, 0)
+        return grad * self.clip_keep[name][:k].repeat_interleave(width, 0)
 
     def _noise(self, job: Job, shape: torch.Size) -> torch.Tensor:
         std = job.dp.noise_multiplier * self.cfg.dp_clip

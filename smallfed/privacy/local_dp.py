@@ -217,14 +217,13 @@ def train_private(
     cohort = rendezvous.current()
     if cohort is None:
         result = sequential()
-    elif outside:
-        result = cohort.alone("a shared subspace is not batched", sequential)
     else:
         from smallfed.cohort.trainer import DpPlan, Job
 
         # Seeded as Opacus's global generator is in _dp_sgd: the same batches and noise.
-        job = Job(model, x, y, cfg, torch.Generator().manual_seed(seed), masks=dict(kept),
-                  dp=DpPlan(noise, rate, int(records * rate), records))
+        job = Job(model, x, y, cfg, torch.Generator().manual_seed(seed), masks=dict(masks or {}),
+                  dp=DpPlan(noise, rate, int(records * rate), records),
+                  subspace=dict(subspace or {}))
         result = cohort.train(job, sequential)
     return PrivateRound(result, new_history, after, noise)
 
