@@ -80,7 +80,7 @@ def plain_loop(cfg: Config) -> list[float]:
 
 
 def timed(fn, *args):  # type: ignore[no-untyped-def]
-    data_module._CACHE.clear()  # every run loads and splits the data itself
+    data_module._CACHE.clear()  # every run loads the data and reads its split itself
     start = time.perf_counter()
     value = fn(*args)
     return value, time.perf_counter() - start

@@ -43,6 +43,7 @@ def write_atomic(path: Path, data: bytes, what: str) -> None:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from others sharing the folder
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)

@@ -319,7 +319,7 @@ class Config:
     cohort_size: int = _key(
         0, "inprocess: clients of a round trained together as one batched computation, "
         "at most this many at once (0: one after another; on ray, each actor trains its own). Features the batch cannot "
-        "hold (adam, QAT, weight sharing, secure RNG, subspace, BatchNorm) train one "
+        "hold (adam, QAT, weight sharing, secure RNG, BatchNorm) train one "
         "after another, and the run says so once.", ge=0)
     device: str = _key(
         "cpu", "Where the cohort engine trains: cpu, cuda, or auto (cuda when present).",

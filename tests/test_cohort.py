@@ -81,14 +81,38 @@ def test_a_stacked_convolution_and_its_gradient_are_each_copys_own(conv: nn.Conv
             torch.testing.assert_close(grad[i], want, atol=1e-4, rtol=1e-5)
 
 
+def test_stacked_linear_layers_and_their_gradients_are_each_copys_own() -> None:
+    gen = torch.Generator().manual_seed(4)
+    models = [nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3, bias=False))
+              for _ in range(3)]
+    for model in models:
+        for p in model.parameters():
+            p.data = torch.randn(p.shape, generator=gen)
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models])
+              .requires_grad_() for n, _ in models[0].named_parameters()}
+    x = torch.randn(5, 3, 6, generator=gen).requires_grad_()
+    out = StackedModel(models[0])(params, x)
+    weights = torch.randn(out.shape, generator=gen)
+    grads = torch.autograd.grad((out * weights).sum(), [x, *params.values()])
+    for i, model in enumerate(models):
+        alone = x.detach()[:, i].clone().requires_grad_()
+        own = model(alone)
+        torch.testing.assert_close(out[:, i], own, atol=1e-6, rtol=1e-6)
+        want = torch.autograd.grad((own * weights[:, i]).sum(), [alone, *model.parameters()])
+        torch.testing.assert_close(grads[0][:, i], want[0], atol=1e-6, rtol=1e-6)
+        for grad, expected in zip(grads[1:], want[1:]):
+            torch.testing.assert_close(grad[i], expected, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("layers", [
     (nn.ReLU(), nn.MaxPool2d(2)), (nn.MaxPool2d(2),), (nn.Tanh(), nn.MaxPool2d(2)),
     (nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)),
     (nn.MaxPool2d((2, 3), dilation=2), nn.ReLU())])
 def test_stacked_max_pooling_is_bit_for_bit_torchs(layers: tuple[nn.Module, ...]) -> None:
     """Pooling takes the channels-last forward, and a ReLU before it runs after it:
-    values and gradients must still be exactly those of the layers as written, with
-    ties (zeros after the ReLU, equal values) and a NaN in the input."""
+    values (up to the sign of a zero) and gradients must still be exactly those of the
+    layers as written, with ties (zeros after the ReLU, equal values) and a NaN in the
+    input."""
     model = nn.Sequential(*layers, nn.Flatten())
     stacked = StackedModel(model)
     assert any("_max_pool" in layer.__qualname__ for layer in stacked.layers)

@@ -119,16 +119,42 @@ def _group_norm(prefix: str, norm: nn.GroupNorm) -> Layer:
     return run
 
 
+class _Linear(torch.autograd.Function):
+    """G linear layers, ``rows`` (G, n, in) by ``weight`` (G, out, in), as a batched
+    product whose weight gradient comes out contiguous. Why: autograd's gradient of
+    ``bmm(rows, weight.transpose(1, 2))`` is the transpose of a (G, in, out) product,
+    and every SGD update then reads it across strides: with cnn-tiny's 1568 x 64 layer
+    for 5 clients, forward, backward and a momentum step took 4.9 ms against 1.9 ms
+    here (one thread), with the same bits."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(rows, weight)
+        ctx.with_bias = bias is not None
+        if bias is None:
+            return torch.bmm(rows, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        rows, weight = ctx.saved_tensors
+        return (torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None,
+                torch.bmm(grad.transpose(1, 2), rows) if ctx.needs_input_grad[1] else None,
+                grad.sum(1) if ctx.with_bias and ctx.needs_input_grad[2] else None)
+
+
 def _linear(prefix: str) -> Layer:
     def run(params: Params, h: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
         weight, bias = params[prefix + "weight"], params.get(prefix + "bias")
-        # (G, n, in): n samples for each of G weights. Per sample (tape), h holds one
-        # sample of each of G * n groups, client-major, and the G clients' own weights.
-        rows = h.transpose(0, 1) if tape is None else h.reshape(weight.shape[0], -1, h.shape[-1])
+        if tape is None:  # (G, n, in): n samples for each of G weights
+            return _Linear.apply(h.transpose(0, 1), weight, bias).transpose(0, 1)
+        # Per sample: h holds one sample of each of G * n groups, client-major, and the
+        # G clients' own weights; the weight's gradient is taken at the output (tape).
+        rows = h.reshape(weight.shape[0], -1, h.shape[-1])
         out = (torch.bmm(rows, weight.transpose(1, 2)) if bias is None else
                torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2)))
-        if tape is None:
-            return out.transpose(0, 1)
         tape.append((prefix, rows, out))
         return out.reshape(1, -1, out.shape[-1])
     return run
@@ -141,7 +167,7 @@ class _MaxPool(torch.autograd.Function):
     conversions included (1.5 ms), while the channels-last backward loses that again.
     Both kernels pick the same element of every window (the first maximum, or a NaN),
     and an index names a position within a plane whatever the layout, so values and
-    gradients are bit for bit those of ``F.max_pool2d``."""
+    gradients are bit for bit those of ``F.max_pool2d``. Images only: (N, C, H, W)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, pool: nn.MaxPool2d) -> torch.Tensor:  # type: ignore[override]
@@ -167,12 +193,14 @@ def _pool_args(pool: nn.MaxPool2d) -> tuple:
 
 def _max_pool(pool: nn.MaxPool2d, relu_before: bool) -> Layer:
     """Max pooling, and the ReLU before it when there is one, applied after it: the
-    two commute (both values and gradients: where the window's maximum is not positive
-    the ReLU's gradient is zero either way), and the ReLU then sees a quarter of the
-    elements."""
+    two commute (gradients bit for bit: where the window's maximum is not positive the
+    ReLU's gradient is zero either way; values up to the sign of a zero, as the CPU's
+    ReLU keeps -0.0), and the ReLU then sees a quarter of the elements."""
     def run(_params: Params, h: torch.Tensor, _tape: Tape | None = None) -> torch.Tensor:
         b, g = h.shape[:2]
-        out = _MaxPool.apply(h.reshape(b * g, *h.shape[2:]), pool)
+        flat = h.reshape(b * g, *h.shape[2:])
+        # (N, H, W) without channels: torch's own pooling (the channels-last path needs C)
+        out = _MaxPool.apply(flat, pool) if flat.dim() == 4 else pool(flat)
         if relu_before:
             out = torch.relu(out)
         return out.reshape(b, g, *out.shape[1:])

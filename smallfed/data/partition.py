@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,10 +77,13 @@ def partition_indices(labels: torch.Tensor, cfg: Config) -> list[np.ndarray]:
 
 
 def split_key(labels: torch.Tensor, cfg: Config) -> str:
-    """What a split depends on: the labels, the partitioner's settings, the libraries."""
+    """What a split depends on: the labels, the partitioner's settings and the libraries
+    that draw it (numpy's generators may change between releases). Change SPLIT_FORMAT
+    when make_partitioner passes other arguments."""
     digest = hashlib.sha256(labels.numpy().astype(np.int64).tobytes()).hexdigest()
-    return (f"{SPLIT_FORMAT}|flwr-datasets {metadata.version('flwr-datasets')}|"
-            f"datasets {metadata.version('datasets')}|{cfg.partitioner}|"
+    versions = "|".join(f"{name} {metadata.version(name)}"
+                        for name in ("flwr-datasets", "datasets", "numpy", "pyarrow"))
+    return (f"{SPLIT_FORMAT}|{versions}|{cfg.partitioner}|"
             f"clients={cfg.num_clients}|alpha={cfg.alpha!r}|min={cfg.min_partition_size}|"
             f"classes={cfg.classes_per_client}|shards={cfg.shards_per_client}|"
             f"seed={cfg.seed}|labels={digest}")
@@ -94,10 +96,11 @@ def _read(path: Path, key: str, pool: int, clients: int) -> list[np.ndarray] | N
             if str(entry["key"]) != key:
                 return None
             offsets, rows = entry["offsets"], entry["rows"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    except Exception:  # pylint: disable=broad-exception-caught  # any broken file: split again
         return None
-    if (offsets.shape != (clients + 1,) or offsets[0] != 0 or offsets[-1] != len(rows)
-            or (np.diff(offsets) <= 0).any() or rows.dtype != np.int64
+    if (offsets.shape != (clients + 1,) or offsets.dtype.kind != "i" or rows.ndim != 1
+            or rows.dtype != np.int64 or offsets[0] != 0 or offsets[-1] != len(rows)
+            or (np.diff(offsets) <= 0).any()
             or (len(rows) and (rows.min() < 0 or rows.max() >= pool))):
         return None
     return [rows[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
