@@ -22,6 +22,7 @@ says why another cannot, and the cohort trains it one client after another.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,8 +38,23 @@ PER_SAMPLE = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.E
               nn.Flatten, Scattering2D)
 
 Params = dict[str, torch.Tensor]  # parameter name -> (G, *shape)
-# A linear layer's (prefix, input (G, n, in), output (G, n, out)), recorded per sample.
-Tape = list[tuple[str, torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Tape:
+    """The per-sample pass's layout and what its linear layers record.
+
+    The pass runs on S samples packed one after another, client-major (no padding:
+    Poisson batches differ in size, and padding each to the largest cost a quarter of
+    the convolutions' work). ``slots`` places each in a padded (G, width) grid, where
+    the linear layers run: one weight per client. Each records (prefix, input (G, width,
+    in), output (G, width, out)), zero at padding."""
+
+    slots: torch.Tensor  # (S,) positions in the flattened (G * width) grid
+    clients: int
+    width: int
+    linear: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
 Layer = Callable[..., torch.Tensor]
 
 
@@ -150,13 +166,15 @@ def _linear(prefix: str) -> Layer:
         weight, bias = params[prefix + "weight"], params.get(prefix + "bias")
         if tape is None:  # (G, n, in): n samples for each of G weights
             return _Linear.apply(h.transpose(0, 1), weight, bias).transpose(0, 1)
-        # Per sample: h holds one sample of each of G * n groups, client-major, and the
-        # G clients' own weights; the weight's gradient is taken at the output (tape).
-        rows = h.reshape(weight.shape[0], -1, h.shape[-1])
+        # Per sample: h (1, S, in) holds the packed samples, placed in the padded grid
+        # for the G clients' own weights; the weight's gradient is taken at the output.
+        grid = h.new_zeros(tape.clients * tape.width, h.shape[-1]).index_copy(
+            0, tape.slots, h[0])
+        rows = grid.view(tape.clients, tape.width, -1)
         out = (torch.bmm(rows, weight.transpose(1, 2)) if bias is None else
                torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2)))
-        tape.append((prefix, rows, out))
-        return out.reshape(1, -1, out.shape[-1])
+        tape.linear.append((prefix, rows, out))
+        return out.reshape(-1, out.shape[-1])[tape.slots].unsqueeze(0)
     return run
 
 
@@ -253,14 +271,14 @@ class StackedModel:
         return x
 
     def per_sample(self, params: Params, x: torch.Tensor, tape: Tape) -> torch.Tensor:
-        """Logits ``(1, G * n, classes)`` of ``x`` ``(1, G * n, *input_shape)``: n samples
-        of each of G clients, client-major, each sample its own group.
+        """Logits ``(1, S, classes)`` of ``x`` ``(1, S, *input_shape)``: the samples of G
+        clients packed client-major (``tape`` says where each belongs), each its own group.
 
         For per-sample gradients (DP-SGD): the parameters of convolutions and norms
         come one copy per sample (so autograd gives each sample's gradient; they are
         small), a linear layer's one per client, with its input and output recorded on
-        ``tape`` (its per-sample gradient is an outer product of the two, never built
-        when only its norm and the clipped sum are needed).
+        ``tape.linear`` (its per-sample gradient is an outer product of the two, never
+        built when only its norm and the clipped sum are needed).
         """
         for layer in self.layers:
             x = layer(params, x, tape)

@@ -348,24 +348,28 @@ class _Group:
         sums them (pruned coordinates and those outside a subspace zeroed before the
         norm, as train_private does)."""
         valid = (rows >= 0).reshape(-1)
+        slots = valid.nonzero().reshape(-1)  # the samples, packed: no padding computed
+        owner = slots // width  # each sample's client
         params, copies = {}, {}
         for name, p in self.params.items():
             if name in self.stacked.linear:  # its gradient is taken at its output
                 params[name] = p[:k].detach().requires_grad_()
             else:  # one copy per sample: autograd gives each sample's own gradient
-                params[name] = copies[name] = p[:k].detach().repeat_interleave(
-                    width, 0).requires_grad_()
-        tape: Tape = []
-        index = rows.clamp(min=0).reshape(1, -1)
+                params[name] = copies[name] = p[:k].detach().index_select(
+                    0, owner).requires_grad_()
+        tape = Tape(slots, k, width)
+        index = rows.reshape(-1)[slots].unsqueeze(0)
         logits = self.stacked.per_sample(params, self.x[index], tape)
         per_sample = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                      self.y[index].reshape(-1), reduction="none")
-        grads = torch.autograd.grad((per_sample * valid).sum(),
-                                    [*copies.values(), *(out for _, _, out in tape)])
-        per_copy = {n: self._kept(n, g, k, width) for n, g in zip(copies, grads)}
-        squares = sum(g.flatten(1).pow(2).sum(1) for g in per_copy.values())
+        grads = torch.autograd.grad(per_sample.sum(),
+                                    [*copies.values(), *(out for _, _, out in tape.linear)])
+        per_copy = {n: self._kept(n, g, owner) for n, g in zip(copies, grads)}
+        squares = torch.zeros(k * width, device=self.device)  # in the padded grid
+        if per_copy:
+            squares[slots] = sum(g.flatten(1).pow(2).sum(1) for g in per_copy.values())
         linear: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        for (prefix, inputs, _), out_grad in zip(tape, grads[len(copies):]):
+        for (prefix, inputs, _), out_grad in zip(tape.linear, grads[len(copies):]):
             weight, bias = prefix + "weight", prefix + "bias"
             if weight in self.clip_keep:  # ||(g a^T) * M||^2 = sum_oi g_o^2 M_oi a_i^2 (M: 0/1)
                 squares = squares + torch.einsum(
@@ -381,11 +385,13 @@ class _Group:
                 linear[bias] = (bias_grad, None)
         factor = ((self.cfg.dp_clip / (squares.sqrt() + 1e-6)).clamp(max=1.0) * valid
                   ).view(k, width)
+        packed = factor.reshape(-1)[slots]
         summed = {}
         for name in self.params:
             if name in per_copy:
                 g = per_copy[name]
-                summed[name] = torch.einsum("kb,kb...->k...", factor, g.view(k, width, *g.shape[1:]))
+                summed[name] = g.new_zeros(k, *g.shape[1:]).index_add_(
+                    0, owner, g * packed.view(-1, *[1] * (g.dim() - 1)))
             elif linear[name][1] is None:  # per-sample already: (k, width, ...)
                 summed[name] = torch.einsum("kb,kb...->k...", factor, linear[name][0])
             else:
@@ -394,13 +400,14 @@ class _Group:
                 if name in self.clip_keep:  # the mask on each sample's matrix, summed
                     summed[name] = summed[name] * self.clip_keep[name][:k]
         counts = valid.view(k, width).sum(1)
-        loss = (per_sample * valid).view(k, width).sum(1) / counts.clamp(min=1)
-        return loss.detach(), summed
+        loss = per_sample.detach().new_zeros(k).index_add_(0, owner, per_sample.detach())
+        return loss / counts.clamp(min=1), summed
 
-    def _kept(self, name: str, grad: torch.Tensor, k: int, width: int) -> torch.Tensor:
+    def _kept(self, name: str, grad: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+        """Each sample's gradient (one row per sample of client ``owner``) masked."""
         if name not in self.clip_keep:
             return grad
-        return grad * self.clip_keep[name][:k].repeat_interleave(width, 0)
+        return grad * self.clip_keep[name].index_select(0, owner)
 
     def _noise(self, job: Job, shape: torch.Size) -> torch.Tensor:
         std = job.dp.noise_multiplier * self.cfg.dp_clip
