@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from smallfed.compact.pruning import masked_training
 from smallfed.cohort.stacked import StackedModel, refusal
-from smallfed.cohort.trainer import DpPlan, Job, lanes_of, train_cohort
+from smallfed.cohort.trainer import DpPlan, Job, _Group, lanes_of, train_cohort
 from smallfed.config import Config, ConfigError
 from smallfed.models import build_model
 from smallfed.privacy.local_dp import planned_step, train_private
@@ -216,6 +217,45 @@ def test_dp_sgd_in_a_cohort_draws_opacus_batches_and_noise(
     other_seed = copy.deepcopy(base)
     train_private(other_seed, *with_data[1], cfg, 999, [], subspace=inside)
     assert max_difference(other_seed, together[1]) > 1e-2  # the noise is there, and seeded
+
+
+def test_clipped_sums_are_each_samples_clipped_gradient_summed_with_an_empty_batch() -> None:
+    """The packed per-sample pass against autograd one sample at a time: a client whose
+    Poisson draw came up empty in the middle of the stack, batches of other sizes,
+    pruning masks on one client only."""
+    cfg = Config(privacy="sample", batch_size=4, dp_clip=0.5, dp_noise=1.0)
+    gen = torch.Generator().manual_seed(5)
+    models = [build_model("cnn-tiny", (1, 12, 12), 10, seed) for seed in range(3)]
+    data = [(torch.randn(n, 1, 12, 12, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+            for n in (5, 4, 6)]
+    masks = [{}, {}, {"0.weight": np.random.default_rng(0).random((16, 1, 3, 3)) > 0.5,
+                      "11.weight": np.random.default_rng(1).random((10, 64)) > 0.5}]
+    jobs = [Job(m, x, y, cfg, torch.Generator(), masks=mask, dp=DpPlan(1.0, 0.5, 2, len(y)))
+            for m, (x, y), mask in zip(models, data, masks)]
+    group = _Group(jobs, CPU)
+    assert group.jobs == jobs  # equal step counts: the stack keeps their order
+    picked = [[0, 2, 4], [], [1]]
+    rows = torch.full((3, 3), -1, dtype=torch.long)
+    for c, own in enumerate(picked):
+        rows[c, :len(own)] = torch.tensor(own, dtype=torch.long) + int(group.offsets[c])
+    loss, summed = group._clipped_sums(rows, 3, 3)  # pylint: disable=protected-access
+    for c, (model, (x, y)) in enumerate(zip(models, data)):
+        want = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        losses = []
+        for j in picked[c]:
+            sample_loss = F.cross_entropy(model(x[j:j + 1]), y[j:j + 1])
+            grads = dict(zip(want, torch.autograd.grad(sample_loss, list(model.parameters()))))
+            for name, keep in masks[c].items():
+                grads[name] = grads[name] * torch.from_numpy(keep).float()
+            norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+            factor = (cfg.dp_clip / (norm + 1e-6)).clamp(max=1.0)
+            for name, grad in grads.items():
+                want[name] += factor * grad
+            losses.append(float(sample_loss))
+        assert float(loss[c]) == pytest.approx(np.mean(losses) if losses else 0.0, rel=1e-5)
+        for name, expected in want.items():
+            torch.testing.assert_close(summed[name][c], expected, atol=1e-6, rtol=1e-5)
+    assert all(float(t[1].abs().max()) == 0.0 for t in summed.values())  # the empty client
 
 
 def test_lanes_split_a_cohort_into_stacks_of_about_equal_cost() -> None:

@@ -365,7 +365,7 @@ class _Group:
         grads = torch.autograd.grad(per_sample.sum(),
                                     [*copies.values(), *(out for _, _, out in tape.linear)])
         per_copy = {n: self._kept(n, g, owner) for n, g in zip(copies, grads)}
-        squares = torch.zeros(k * width, device=self.device)  # in the padded grid
+        squares = per_sample.new_zeros(k * width)  # in the padded grid
         if per_copy:
             squares[slots] = sum(g.flatten(1).pow(2).sum(1) for g in per_copy.values())
         linear: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -385,13 +385,13 @@ class _Group:
                 linear[bias] = (bias_grad, None)
         factor = ((self.cfg.dp_clip / (squares.sqrt() + 1e-6)).clamp(max=1.0) * valid
                   ).view(k, width)
-        packed = factor.reshape(-1)[slots]
         summed = {}
         for name in self.params:
-            if name in per_copy:
+            if name in per_copy:  # placed in the grid: a fixed summation order, also on a GPU
                 g = per_copy[name]
-                summed[name] = g.new_zeros(k, *g.shape[1:]).index_add_(
-                    0, owner, g * packed.view(-1, *[1] * (g.dim() - 1)))
+                grid = g.new_zeros(k * width, *g.shape[1:]).index_copy_(0, slots, g)
+                summed[name] = torch.einsum("kb,kb...->k...", factor,
+                                            grid.view(k, width, *g.shape[1:]))
             elif linear[name][1] is None:  # per-sample already: (k, width, ...)
                 summed[name] = torch.einsum("kb,kb...->k...", factor, linear[name][0])
             else:
@@ -400,8 +400,9 @@ class _Group:
                 if name in self.clip_keep:  # the mask on each sample's matrix, summed
                     summed[name] = summed[name] * self.clip_keep[name][:k]
         counts = valid.view(k, width).sum(1)
-        loss = per_sample.detach().new_zeros(k).index_add_(0, owner, per_sample.detach())
-        return loss / counts.clamp(min=1), summed
+        losses = per_sample.detach().new_zeros(k * width).index_copy_(0, slots,
+                                                                     per_sample.detach())
+        return losses.view(k, width).sum(1) / counts.clamp(min=1), summed
 
     def _kept(self, name: str, grad: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
         """Each sample's gradient (one row per sample of client ``owner``) masked."""
