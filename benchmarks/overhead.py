@@ -115,10 +115,8 @@ def main() -> None:
         return [r["accuracy"] for r in results["rounds"]], seconds
 
     if args.accuracy_only:
-        report = {"config": cfg.to_dict(), "accuracy_over_seeds": _over_seeds(
-            cfg, cohort, {}, [cfg.seed, *args.seeds], run)}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        _save(args.out, {"config": cfg.to_dict(), "accuracy_over_seeds": _over_seeds(
+            cfg, cohort, {}, [cfg.seed, *args.seeds], run)})
         return
     federated_data(cfg)  # the split into smallfed's disk cache, untimed (see the docstring)
     rows = {"plain torch loop": timed(plain_loop, cfg)}
@@ -158,8 +156,12 @@ def main() -> None:
                             rows[f"cohort ({torch.get_num_threads()} threads)"][0][-1])}
         report["accuracy_over_seeds"] = _over_seeds(
             cfg, cohort, known, [cfg.seed, *args.seeds], run)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    _save(args.out, report)
+
+
+def _save(out: str, report: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _over_seeds(cfg: Config, cohort: Config, known: dict, seeds: list[int], run) -> dict:  # type: ignore[no-untyped-def]

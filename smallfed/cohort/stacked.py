@@ -55,6 +55,11 @@ class Tape:
     width: int
     linear: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
+    def grid(self, packed: torch.Tensor) -> torch.Tensor:
+        """``packed`` (S, ...) placed in the flattened (G * width, ...) grid, zero at padding."""
+        return packed.new_zeros(self.clients * self.width, *packed.shape[1:]).index_copy_(
+            0, self.slots, packed)
+
 Layer = Callable[..., torch.Tensor]
 
 
@@ -168,9 +173,7 @@ def _linear(prefix: str) -> Layer:
             return _Linear.apply(h.transpose(0, 1), weight, bias).transpose(0, 1)
         # Per sample: h (1, S, in) holds the packed samples, placed in the padded grid
         # for the G clients' own weights; the weight's gradient is taken at the output.
-        grid = h.new_zeros(tape.clients * tape.width, h.shape[-1]).index_copy(
-            0, tape.slots, h[0])
-        rows = grid.view(tape.clients, tape.width, -1)
+        rows = tape.grid(h[0]).view(tape.clients, tape.width, -1)
         out = (torch.bmm(rows, weight.transpose(1, 2)) if bias is None else
                torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2)))
         tape.linear.append((prefix, rows, out))

@@ -216,7 +216,8 @@ class _Group:
         self.momentum = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.keep = self._stacked(lambda job: job.masks)  # enforced on the weights
         # kept in each sample's gradient before clipping, and outside it after the noise
-        self.clip_keep = self._stacked(lambda job: combine(job.masks, job.subspace))
+        self.clip_keep = self._stacked(lambda job: combine(job.masks, job.subspace)) \
+            if any(job.subspace for job in self.jobs) else self.keep
         self.project = self._stacked(lambda job: job.subspace)
         mus = [job.proximal_mu for job in self.jobs]
         self.mu = torch.tensor(mus, device=device) if any(mus) else None
@@ -365,9 +366,8 @@ class _Group:
         grads = torch.autograd.grad(per_sample.sum(),
                                     [*copies.values(), *(out for _, _, out in tape.linear)])
         per_copy = {n: self._kept(n, g, owner) for n, g in zip(copies, grads)}
-        squares = per_sample.new_zeros(k * width)  # in the padded grid
-        if per_copy:
-            squares[slots] = sum(g.flatten(1).pow(2).sum(1) for g in per_copy.values())
+        squares = tape.grid(sum((g.flatten(1).pow(2).sum(1) for g in per_copy.values()),
+                                start=per_sample.new_zeros(len(slots))))  # in the padded grid
         linear: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for (prefix, inputs, _), out_grad in zip(tape.linear, grads[len(copies):]):
             weight, bias = prefix + "weight", prefix + "bias"
@@ -389,9 +389,8 @@ class _Group:
         for name in self.params:
             if name in per_copy:  # placed in the grid: a fixed summation order, also on a GPU
                 g = per_copy[name]
-                grid = g.new_zeros(k * width, *g.shape[1:]).index_copy_(0, slots, g)
                 summed[name] = torch.einsum("kb,kb...->k...", factor,
-                                            grid.view(k, width, *g.shape[1:]))
+                                            tape.grid(g).view(k, width, *g.shape[1:]))
             elif linear[name][1] is None:  # per-sample already: (k, width, ...)
                 summed[name] = torch.einsum("kb,kb...->k...", factor, linear[name][0])
             else:
@@ -400,9 +399,8 @@ class _Group:
                 if name in self.clip_keep:  # the mask on each sample's matrix, summed
                     summed[name] = summed[name] * self.clip_keep[name][:k]
         counts = valid.view(k, width).sum(1)
-        losses = per_sample.detach().new_zeros(k * width).index_copy_(0, slots,
-                                                                     per_sample.detach())
-        return losses.view(k, width).sum(1) / counts.clamp(min=1), summed
+        losses = tape.grid(per_sample.detach()).view(k, width).sum(1)
+        return losses / counts.clamp(min=1), summed
 
     def _kept(self, name: str, grad: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
         """Each sample's gradient (one row per sample of client ``owner``) masked."""
